@@ -1,0 +1,128 @@
+"""Command line: argument parsing and exit codes; nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from edge_agent import __version__
+
+EXIT_ANSWERED, EXIT_ERROR_ANSWER, EXIT_NO_ANSWER, EXIT_CONFIG = 0, 1, 2, 78
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=(
+        "Answers prompts over MQTT with a local model through ONNX Runtime GenAI."))
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    config_help = "settings file (default: $EDGE_AGENT_CONFIG, else /etc/edge-agent/agent.toml)"
+
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("--config", help=config_help)
+
+    check = commands.add_parser("check-config", help="print the effective settings or every error")
+    check.add_argument("--config", help=config_help)
+
+    ask = commands.add_parser("ask", help="send one prompt over MQTT and print the answer")
+    ask.add_argument("prompt")
+    ask.add_argument("--config", help=config_help)
+    ask.add_argument("--host", help="broker host (overrides the settings)")
+    ask.add_argument("--port", type=int, help="broker port (overrides the settings)")
+    ask.add_argument("--device", help="device_id of the agent to ask")
+    ask.add_argument("--protocol", choices=["5", "3.1.1"], help="MQTT version of this client")
+    ask.add_argument("--system", help="system prompt")
+    ask.add_argument("--max-tokens", type=int, help="cap on generated tokens")
+    ask.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    return parser
+
+
+def _load(config: str | None) -> Any:
+    from edge_agent.errors import ConfigError
+    from edge_agent.settings import load_settings
+
+    try:
+        settings, _ = load_settings(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return None
+    return settings
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from edge_agent.settings import config_path, describe_settings
+
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    path, _ = config_path(args.config)
+    print(f"# settings from {path if path.exists() else 'defaults'} and EDGE_AGENT_* environment")
+    print(json.dumps(describe_settings(settings), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edge_agent import log
+    from edge_agent.app import run
+    from edge_agent.errors import ConfigError
+
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    log.configure(settings.log_level, settings.log_format)
+    try:
+        return run(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:  # second Ctrl-C during shutdown
+        return 130
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from edge_agent.errors import BrokerError
+    from edge_agent.mqtt import ask_once
+    from edge_agent.protocol import Topics, encode
+
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
+                                   ("protocol", args.protocol)) if v is not None}
+    mqtt_settings = settings.mqtt.model_copy(update=overrides)
+    topic = Topics(mqtt_settings.topic_prefix, args.device or settings.device_id).request
+    request: dict[str, Any] = {"prompt": args.prompt}
+    if args.system:
+        request["system"] = args.system
+    if args.max_tokens:
+        request["max_tokens"] = args.max_tokens
+
+    def make_payload(reply_to: str | None) -> bytes:
+        return encode({**request, "reply_to": reply_to} if reply_to else request)
+
+    try:
+        raw = ask_once(mqtt_settings, topic, make_payload, args.timeout)
+    except BrokerError as exc:
+        print(f"edge-agent ask: {exc}", file=sys.stderr)
+        return EXIT_NO_ANSWER
+    if raw is None:
+        print(f"edge-agent ask: no answer on {topic} within {args.timeout:g} s", file=sys.stderr)
+        return EXIT_NO_ANSWER
+    answer = json.loads(raw)
+    if args.json:
+        print(json.dumps(answer, indent=2, ensure_ascii=False))
+    elif answer.get("ok"):
+        print(answer["text"])
+    else:
+        print(f"error {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
+    return EXIT_ANSWERED if answer.get("ok") else EXIT_ERROR_ANSWER
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"run": cmd_run, "check-config": cmd_check_config, "ask": cmd_ask}
+    return handlers[args.command](args)

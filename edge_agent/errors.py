@@ -1,0 +1,67 @@
+"""The project's error hierarchy. Codes that go on the wire live here and nowhere else."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Stable error codes of protocol v1 (documented in docs/protocol.md)."""
+
+    BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
+    BUSY = "busy"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class AgentError(Exception):
+    """An error that becomes an error answer with a stable code."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class BadRequest(AgentError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class TooLarge(AgentError):
+    code = ErrorCode.TOO_LARGE
+
+
+class Busy(AgentError):
+    code = ErrorCode.BUSY
+
+
+class Timeout(AgentError):
+    code = ErrorCode.TIMEOUT
+
+
+class Unavailable(AgentError):
+    code = ErrorCode.UNAVAILABLE
+
+
+class ConfigError(Exception):
+    """Settings could not be loaded; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class ModelLoadError(Exception):
+    """The model folder or the execution provider could not be loaded."""
+
+
+class BrokerError(Exception):
+    """The MQTT broker could not be reached or refused us."""

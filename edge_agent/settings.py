@@ -1,0 +1,188 @@
+"""Settings: one immutable snapshot built from a TOML file overridden by the environment.
+
+Precedence (highest first): environment `EDGE_AGENT_*` (`__` nests: `EDGE_AGENT_MQTT__PORT`),
+the TOML file, defaults. Unknown keys and bad values are errors naming the file and key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
+from edge_agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+CONFIG_ENV = "EDGE_AGENT_CONFIG"
+DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+PROVIDERS = ("auto", "cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
+# Keys holding paths; relative values are taken relative to the config file's folder.
+PATH_KEYS = (("model", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"),
+             ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _default_device_id() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "edge"
+
+
+def _check_segment(value: str, what: str) -> str:
+    if not TOPIC_SEGMENT.match(value):
+        raise ValueError(f"{what} must be 1-64 characters of [A-Za-z0-9_.-] (no '/', '+', '#', '$')")
+    return value
+
+
+class TlsSettings(_Strict):
+    ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="client certificate, for mutual TLS")
+    key_file: Path | None = Field(None, description="client private key, for mutual TLS")
+
+
+class MqttSettings(_Strict):
+    host: str = Field("localhost", description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="broker port")
+    topic_prefix: str = Field("edge-agent", description="first topic level of every topic")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
+    client_id: str | None = Field(None, max_length=128, description="default: edge-agent-<device_id>")
+    keepalive: int = Field(30, ge=5, le=3600, description="seconds between keep-alive pings")
+    username: str | None = Field(None, description="broker user name")
+    password_file: Path | None = Field(None, description="file holding the broker password")
+    tls: TlsSettings | None = Field(None, description="TLS to the broker; absent = plain TCP")
+    reply_topic_allow: tuple[str, ...] = Field(
+        ("#",), description="topic filters a reply topic must match ('$' topics never allowed)")
+    reconnect_min_s: float = Field(1.0, gt=0, le=60, description="first reconnect delay")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="reconnect delay cap")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_segment(cls, value: str) -> str:
+        return _check_segment(value, "topic_prefix")
+
+
+class ModelSettings(_Strict):
+    path: Path = Field(Path("/var/lib/edge-agent/models/default"),
+                       description="folder holding genai_config.json")
+    provider: Literal[PROVIDERS] = Field("auto", description="execution provider")  # type: ignore[valid-type]
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="default and cap of max_tokens")
+    warmup: bool = Field(True, description="run one short generation before reporting ready")
+
+
+class LimitsSettings(_Strict):
+    queue_size: int = Field(8, ge=1, le=10000, description="requests waiting for the worker")
+    max_payload_bytes: int = Field(65536, ge=512, le=16 * 1024 * 1024, description="request size cap")
+    max_prompt_chars: int = Field(16000, ge=1, description="prompt (all messages) length cap")
+    max_timeout_s: float = Field(3600.0, gt=0, description="largest timeout_s a request may ask")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      extra="forbid", frozen=True)
+
+    device_id: str = Field(default_factory=_default_device_id, description="this box's topic level")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running request")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: JSON unless a TTY")
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_is_segment(cls, value: str) -> str:
+        return _check_segment(value, "device_id")
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"edge-agent-{self.device_id}"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init kwargs; the environment must win over them.
+        return (env_settings, init_settings)
+
+
+def config_path(explicit: str | Path | None) -> tuple[Path, bool]:
+    """The file to read and whether it was asked for (a missing asked-for file is an error)."""
+    if explicit:
+        return Path(explicit), True
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]), True
+    return DEFAULT_CONFIG, False
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
+    _resolve_paths(data, path.parent)
+    return data
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for keys in PATH_KEYS:
+        table = data
+        for key in keys[:-1]:
+            table = table.get(key) if isinstance(table, dict) else None
+        if isinstance(table, dict) and isinstance(table.get(keys[-1]), str):
+            value = Path(table[keys[-1]]).expanduser()
+            table[keys[-1]] = str(value if value.is_absolute() else base / value)
+
+
+def load_settings(explicit: str | Path | None = None) -> tuple[Settings, Path | None]:
+    """Build the settings snapshot; returns it with the file it came from (None: defaults)."""
+    path, asked = config_path(explicit)
+    data: dict[str, Any] = {}
+    source: Path | None = None
+    if path.exists() or asked:
+        data = read_toml(path)
+        source = path
+    try:
+        return Settings(**data), source
+    except ValidationError as exc:
+        raise ConfigError([_describe(err, source) for err in exc.errors()]) from exc
+
+
+def _describe(err: Any, source: Path | None) -> str:
+    loc = [str(part) for part in err["loc"]]
+    key = ".".join(loc)
+    env_name = ENV_PREFIX + "__".join(loc).upper()
+    where = f"environment {env_name}" if env_name in os.environ else str(source or "defaults")
+    reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r:.80})"
+    return f"{where}: {key}: {reason}{shown}"
+
+
+def describe_settings(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data for `check-config` (no secret is ever held)."""
+    data = settings.model_dump(mode="json")
+    data["mqtt"]["client_id"] = settings.client_id
+    return data
