@@ -18,6 +18,7 @@ PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
 MAX_TOPIC_CHARS = 512
 MAX_INT_DIGITS = 20
+MAX_JSON_DEPTH = 32
 ROLES = ("system", "user", "assistant")
 REQUEST_FIELDS = frozenset({"id", "prompt", "messages", "system", "max_tokens", "temperature",
                             "top_p", "top_k", "seed", "reply_to", "timeout_s"})
@@ -26,6 +27,8 @@ MAX_TOP_K = 100_000
 MAX_SEED = 2**31 - 1
 # C0 controls other than tab, newline and carriage return, and DEL: never legitimate in text.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,16 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _check_depth(text: str) -> None:
+    """Refuse deep nesting before json.loads sees it: its recursion limit differs between
+    Python versions, and a request needs only two levels."""
+    depth = 0
+    for match in JSON_BRACKET.finditer(JSON_STRING.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+
+
 def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
         raise TooLarge(f"payload is {len(payload)} bytes; the limit is {max_bytes}")
@@ -114,11 +127,12 @@ def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest(f"payload is not valid UTF-8 (byte {exc.start})") from None
+    _check_depth(text)
     try:
         obj = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int,
                          parse_float=_parse_float, object_pairs_hook=_object_without_duplicates)
     except RecursionError:
-        raise BadRequest("JSON is nested too deeply") from None
+        raise BadRequest(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except ValueError as exc:  # int() digit limits and friends

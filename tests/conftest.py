@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from support import AgentProcess, Broker, Client, build_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return build_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    return build_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    server = Broker()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def client(broker: Broker) -> Iterator[Client]:
+    c = Client(broker.port)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Start agents (tiny model unless `model=` is given); all are stopped at teardown."""
+    started: list[AgentProcess] = []
+
+    def start(broker: Broker, watcher: Client, model: Path | None = None, wait_ready: bool = True,
+              **overrides: Any) -> AgentProcess:
+        agent = AgentProcess(tmp_path, broker.port, model or tiny_model, **overrides)
+        started.append(agent)
+        agent.start(watcher, wait_ready=wait_ready)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.proc and agent.proc.poll() is None:
+            agent.proc.kill()
+            agent.proc.wait()

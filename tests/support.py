@@ -1,0 +1,204 @@
+"""Real components for the tests: a private mosquitto, the daemon as a process, an MQTT client
+that talks to it the way a user's pipeline would."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 60.0
+ANSWER_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build_model(name: str) -> Path:
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "build_test_models.py"), name],
+                         check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+class Broker:
+    """A private mosquitto on a free loopback port; restartable on the same port."""
+
+    def __init__(self, persistence: bool = False) -> None:
+        self.port = free_port()
+        # mosquitto run as root drops to its own user: the folder must be readable/writable by it.
+        self.dir = Path(tempfile.mkdtemp(prefix="mosq-"))
+        self.dir.chmod(0o777)
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        if persistence:
+            lines += ["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
+        (self.dir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([exe, "-c", str(self.dir / "mosquitto.conf")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Client:
+    """A user's pipeline: publishes requests and collects every message on its topics."""
+
+    def __init__(self, port: int, protocol: str = "5") -> None:
+        self.v5 = protocol == "5"
+        self.messages: queue.Queue[tuple[str, bytes, Any]] = queue.Queue()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:10]}",
+                                  protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311)
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload), m.properties))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def subscribe(self, topic: str) -> None:
+        _, mid = self.client.subscribe(topic, qos=1)
+        time.sleep(0.2)  # SUBACK is in flight; retained replays start right after
+
+    def publish(self, topic: str, payload: bytes | str, *, response_topic: str | None = None,
+                correlation: bytes | None = None, expiry_s: int | None = None) -> None:
+        props = None
+        if self.v5 and (response_topic or correlation or expiry_s):
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
+            if expiry_s:
+                props.MessageExpiryInterval = expiry_s
+        self.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
+
+    def next(self, timeout: float = ANSWER_TIMEOUT_S) -> tuple[str, dict[str, Any], Any]:
+        topic, payload, props = self.messages.get(timeout=timeout)
+        return topic, json.loads(payload), props
+
+    def wait_for(self, predicate: Any, timeout: float = ANSWER_TIMEOUT_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no matching message")
+            try:
+                _, doc, _ = self.next(remaining)
+            except queue.Empty:
+                raise TimeoutError("no matching message") from None
+            if predicate(doc):
+                return doc
+
+    def drain(self) -> list[dict[str, Any]]:
+        out = []
+        while not self.messages.empty():
+            out.append(json.loads(self.messages.get()[1]))
+        return out
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class AgentProcess:
+    """`edge-agent run` as a real process with its own settings file."""
+
+    def __init__(self, workdir: Path, broker_port: int, model: Path, **overrides: Any) -> None:
+        self.device_id = overrides.pop("device_id", f"dev-{uuid.uuid4().hex[:8]}")
+        self.prefix = "edge-agent"
+        self.config = workdir / f"{self.device_id}.toml"
+        self.log_path = workdir / f"{self.device_id}.log"
+        sections: dict[str, dict[str, Any]] = {
+            "mqtt": {"port": broker_port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+            "model": {"path": str(model), "max_new_tokens": 64},
+            "limits": {},
+        }
+        top: dict[str, Any] = {"device_id": self.device_id, "shutdown_grace_s": 5.0}
+        for key, value in overrides.items():
+            section, _, name = key.partition("__")
+            if name:
+                sections[section][name] = value
+            else:
+                top[key] = value
+        self.config.write_text(_toml(top, sections))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def request_topic(self) -> str:
+        return f"{self.prefix}/{self.device_id}/request"
+
+    @property
+    def response_topic(self) -> str:
+        return f"{self.prefix}/{self.device_id}/response"
+
+    @property
+    def status_topic(self) -> str:
+        return f"{self.prefix}/{self.device_id}/status"
+
+    def start(self, watcher: Client, wait_ready: bool = True) -> None:
+        watcher.subscribe(self.status_topic)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
+                                     stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=env)
+        if wait_ready:
+            watcher.wait_for(lambda d: d.get("device_id") == self.device_id and d.get("state") == "ready",
+                             READY_TIMEOUT_S)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+        return lines
+
+
+def _toml(top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> str:
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    out = [f"{k} = {value(v)}" for k, v in top.items()]
+    for name, table in sections.items():
+        out.append(f"[{name}]")
+        out += [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(out) + "\n"
