@@ -67,8 +67,8 @@ class Agent:
             for job in self.scheduler.stop(self.settings.shutdown_grace_s):
                 self._reply_error(job.reply_topic, job.request.id, Unavailable("the agent is stopping"),
                                   job.correlation_data)
-        self._set_status("offline")
-        if not self.link.publish_and_wait(self.topics.status, self.status.payload(), retain=True):
+        offline = self.status.set("offline")
+        if not self.link.publish_and_wait(self.topics.status, offline, retain=True):
             log.warning("status.offline_not_acknowledged")
         self.link.stop()
         log.info("agent.stopped", outcomes=dict(self.outcomes))

@@ -43,6 +43,7 @@ def ensure_model(name: str, force: bool = False) -> Path:
     try:
         recipe.build(work)
         (work / COMPLETE_MARKER).write_text(str(recipe.RECIPE_VERSION))
+        work.chmod(0o755)  # mkdtemp makes it 0700; a service user must be able to read it
         if target.exists():
             shutil.rmtree(target)
         work.rename(target)

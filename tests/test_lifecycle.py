@@ -1,0 +1,195 @@
+"""The daemon as systemd and an operator see it: readiness, overload, stop, broker restarts,
+settings errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from support import AgentProcess, Broker, Client
+
+
+def test_queue_full_answers_busy_at_once_and_loses_nothing(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent(broker, client, limits__queue_size=1, model__max_new_tokens=400)
+    client.subscribe(agent.response_topic)
+    ids = [f"burst-{i}" for i in range(40)]
+    for rid in ids:
+        client.client.publish(agent.request_topic, json.dumps({"id": rid, "prompt": "~ " * 50}), qos=1)
+    answers: dict[str, dict[str, Any]] = {}
+    while len(answers) < len(ids):
+        doc = client.wait_for(lambda d: "id" in d)
+        assert doc["id"] not in answers, "two answers for one request"
+        answers[doc["id"]] = doc
+    codes = [a["error"]["code"] if not a["ok"] else "ok" for a in answers.values()]
+    assert set(codes) == {"ok", "busy"}
+    busy = next(a for a in answers.values() if not a["ok"])
+    assert busy["error"]["retry_after_ms"] > 0 and "queue full (1 waiting)" in busy["error"]["message"]
+
+
+def test_sigterm_finishes_the_running_request_and_publishes_offline(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent(broker, client)
+    client.subscribe(agent.response_topic)
+    client.publish(agent.request_topic, json.dumps({"id": "last", "prompt": "hi", "max_tokens": 8}))
+    doc = client.wait_for(lambda d: d.get("id") == "last")
+    assert doc["ok"]
+    assert agent.stop(signal.SIGTERM) == 0
+    states = [d["state"] for d in client.drain() if d.get("device_id") == agent.device_id]
+    assert states[-2:] == ["stopping", "offline"]
+    watcher = Client(broker.port)  # the retained status says offline, not the will
+    try:
+        watcher.subscribe(agent.status_topic)
+        retained = watcher.wait_for(lambda d: d.get("device_id") == agent.device_id, 5)
+        assert retained["state"] == "offline" and retained["model"] is not None
+    finally:
+        watcher.close()
+
+
+def test_sigint_stops_with_exit_0(broker: Broker, client: Client,
+                                  start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent(broker, client)
+    assert agent.stop(signal.SIGINT) == 0
+
+
+def test_killed_agent_leaves_the_last_will(broker: Broker, client: Client,
+                                           start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent(broker, client, mqtt__keepalive=5)
+    agent.stop(signal.SIGKILL)
+    doc = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d["state"] == "offline", 20)
+    assert doc["state"] == "offline"
+
+
+def test_broker_restart_then_the_next_request_is_answered(
+        tmp_path: Path, start_agent: Callable[..., AgentProcess]) -> None:
+    own = Broker()
+    own.start()
+    try:
+        watcher = Client(own.port)
+        agent = start_agent(own, watcher)
+        watcher.close()
+        own.stop(signal.SIGKILL)
+        own.start()
+        pipeline = Client(own.port)
+        try:
+            pipeline.subscribe(agent.status_topic)
+            # The broker lost everything: the agent reconnects, republishes status, resubscribes.
+            pipeline.wait_for(lambda d: d.get("state") == "ready", 20)
+            pipeline.subscribe(agent.response_topic)
+            pipeline.publish(agent.request_topic, json.dumps({"id": "after", "prompt": "hi", "max_tokens": 3}))
+            doc = pipeline.wait_for(lambda d: d.get("id") == "after", 20)
+            assert doc["ok"] is True
+        finally:
+            pipeline.close()
+        assert agent.stop() == 0
+    finally:
+        own.close()
+
+
+def test_agent_started_before_the_broker_connects_when_it_comes(tmp_path: Path, tiny_model: Path) -> None:
+    own = Broker()
+    try:
+        agent = AgentProcess(tmp_path, own.port, tiny_model, device_id="early")
+        agent.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(agent.config)],
+                                      stdout=agent.log_path.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not any(line["event"] == "mqtt.connect_failed" for line in agent.log_lines()):
+            assert time.monotonic() < deadline, "the agent never tried to connect"
+            time.sleep(0.1)
+        own.start()
+        watcher = Client(own.port)
+        try:
+            watcher.subscribe(agent.status_topic)
+            assert watcher.wait_for(lambda d: d.get("state") == "ready", 30)["device_id"] == "early"
+        finally:
+            watcher.close()
+        assert agent.stop() == 0
+    finally:
+        own.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_check_config_prints_effective_settings(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('device_id = "box1"\n[mqtt]\nport = 1999\n[model]\npath = "models/phi"\n')
+    result = run_cli("check-config", "--config", str(config), env={"EDGE_AGENT_MQTT__HOST": "broker.lan"})
+    assert result.returncode == 0, result.stderr
+    settings = json.loads(result.stdout.split("\n", 1)[1])
+    assert settings["device_id"] == "box1" and settings["mqtt"]["port"] == 1999
+    assert settings["mqtt"]["host"] == "broker.lan"  # the environment overrides the file
+    assert settings["model"]["path"] == str(tmp_path / "models" / "phi")  # relative to the file
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "agent.example.toml"
+    result = run_cli("check-config", "--config", str(example))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("text, env, expected", [
+    ('device_id = "a/b"\n', {}, "device_id: Value error, device_id must be"),
+    ('colour = "red"\n', {}, "colour: unknown key"),
+    ('[mqtt]\nport = 70000\n', {}, "mqtt.port: Input should be less than or equal to 65535"),
+    ('[mqtt]\nprotocol = "4"\n', {}, "mqtt.protocol"),
+    ('[mqtt]\ntopic_prefix = "a/#"\n', {}, "topic_prefix must be"),
+    ('[model]\nprovider = "tpu"\n', {}, "model.provider"),
+    ('[limits]\nqueue_size = 0\n', {}, "limits.queue_size"),
+    ('[mqtt\nport = 1\n', {}, "invalid TOML"),
+    ('', {"EDGE_AGENT_MQTT__PORT": "many"}, "environment EDGE_AGENT_MQTT__PORT: mqtt.port"),
+])
+def test_bad_settings_exit_78_naming_file_and_key(tmp_path: Path, text: str, env: dict[str, str],
+                                                  expected: str) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(text)
+    for command in ("check-config", "run"):
+        result = run_cli(command, "--config", str(config), env=env)
+        assert result.returncode == 78
+        assert expected in result.stderr
+        if not env:
+            assert str(config) in result.stderr
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('device_id = "#"\n[mqtt]\nport = 0\nkeepalive = 1\n')
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 78 and result.stderr.count("config error:") == 3
+
+
+def test_missing_config_file_that_was_asked_for_is_an_error(tmp_path: Path) -> None:
+    result = run_cli("check-config", env={"EDGE_AGENT_CONFIG": str(tmp_path / "none.toml")})
+    assert result.returncode == 78 and "cannot read" in result.stderr
+
+
+def test_run_without_a_model_folder_exits_78(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[model]\npath = "{tmp_path}"\n')
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 78 and "no genai_config.json" in result.stderr
+
+
+def test_unavailable_provider_fails_with_a_clear_message(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent(broker, client, wait_ready=False, model__provider="cuda")
+    assert agent.proc is not None and agent.proc.wait(30) == 1
+    failure = next(line for line in agent.log_lines() if line["event"] == "model.load_failed")
+    assert "provider 'cuda'" in failure["error"] and "onnxruntime-genai-cuda" in failure["error"]
+    status = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d["state"] == "offline", 10)
+    assert "cuda" in status["error"]
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("edge-agent 0.")
