@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what edge-agent's demo and tests need on a fresh Debian/Ubuntu machine:
+# system packages (mosquitto, ffmpeg, python venv), a venv in .venv, the package and its extras.
+# Idempotent: each step is skipped when already done. Sourced by demo.sh and test.sh.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${EDGE_AGENT_VENV:-$REPO/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
+"$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "setup: installing ${need_apt[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# The Debian package starts a system broker on 1883; the demo and tests run private ones.
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating $VENV" >&2
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.edge-agent-installed"
+if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
+    echo "setup: installing edge-agent into $VENV" >&2
+    "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
+    "$VENV/bin/python" -m pip install -q -e "$REPO[test,models]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+    "$VENV/bin/python" -c "import edge_agent, onnxruntime_genai, paho.mqtt, pytest" 
+    touch "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"
