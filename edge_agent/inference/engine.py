@@ -52,7 +52,10 @@ class Generation:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.completion_tokens / (self.generate_ms / 1000) if self.generate_ms > 0 else 0.0
+        """Decode speed: tokens after the first over the time after the first (prefill excluded)."""
+        if self.ttft_ms is None or self.completion_tokens < 2 or self.generate_ms <= self.ttft_ms:
+            return 0.0
+        return (self.completion_tokens - 1) / ((self.generate_ms - self.ttft_ms) / 1000)
 
 
 def read_genai_config(folder: Path) -> dict[str, Any]:
