@@ -101,3 +101,17 @@ def _wait_for_log(agent: AgentProcess, predicate: Callable[[dict[str, Any]], boo
     while not any(predicate(line) for line in agent.log_lines()):
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_second_sigint_forces_exit(broker: Broker, client: Client, smollm2_model: Path,
+                                   start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent(broker, client, model=smollm2_model, model__max_new_tokens=128, shutdown_grace_s=60)
+    client.subscribe(agent.response_topic)
+    for n in range(3):
+        client.publish(agent.request_topic, json.dumps({"id": f"i{n}", "prompt": LONG_STORY}))
+    _wait_for_log(agent, lambda line: line.get("event") == "request.accepted" and line.get("request_id") == "i2")
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # the first SIGINT has started the graceful stop
+    agent.proc.send_signal(signal.SIGINT)
+    assert agent.proc.wait(10) == 130
