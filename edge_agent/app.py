@@ -10,12 +10,12 @@ from types import FrameType
 
 import structlog
 
-from edge_agent.errors import AgentError, ConfigError, ErrorCode, ModelLoadError, Unavailable, BrokerError
+from edge_agent.errors import AgentError, BrokerError, ConfigError, ErrorCode, ModelLoadError, Unavailable
 from edge_agent.handler import Job, RequestHandler
 from edge_agent.inference import GenerationParams, OrtGenaiEngine
+from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
-from edge_agent.health import StatusBoard
 from edge_agent.protocol import (RequestError, RequestLimits, Topics, choose_reply_topic,
                                  error_payload, parse_request)
 from edge_agent.scheduler import Scheduler
@@ -72,6 +72,9 @@ class Agent:
             log.warning("status.offline_not_acknowledged")
         self.link.stop()
         log.info("agent.stopped", outcomes=dict(self.outcomes))
+
+    def report_degraded(self, error: str) -> None:
+        self._set_status("degraded", error=error)
 
     def healthy(self) -> bool:
         return self.link.loop_alive() and (self.scheduler is None or self.scheduler.alive())
@@ -160,7 +163,7 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         agent = Agent(settings)
-    except BrokerError as exc:
+    except (BrokerError, ModelLoadError) as exc:
         log.error("agent.config_error", error=str(exc))
         return EXIT_CONFIG
     code = EXIT_OK
@@ -173,10 +176,11 @@ def run(settings: Settings) -> int:
                 break
     except ModelLoadError as exc:
         log.error("model.load_failed", error=str(exc))
-        agent.status.set("degraded", error=str(exc))
+        agent.report_degraded(str(exc))
         code = EXIT_FAILURE
-    except KeyboardInterrupt:
-        log.warning("agent.forced_exit")
-        return 130
+    except Exception as exc:  # noqa: BLE001 - say so on the status topic before exiting
+        log.exception("agent.start_failed")
+        agent.report_degraded(f"{type(exc).__name__}: {exc}")
+        code = EXIT_FAILURE
     agent.stop()
     return code

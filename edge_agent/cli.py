@@ -98,7 +98,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {"prompt": args.prompt}
     if args.system:
         request["system"] = args.system
-    if args.max_tokens:
+    if args.max_tokens is not None:
         request["max_tokens"] = args.max_tokens
 
     def make_payload(reply_to: str | None) -> bytes:

@@ -237,9 +237,7 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
         chars = sum(len(m["content"]) for m in messages)
         if chars > limits.max_prompt_chars:
             raise TooLarge(f"prompt is {chars} characters; the limit is {limits.max_prompt_chars}")
-        reply_to = obj.get("reply_to")
-        if reply_to is not None:
-            check_topic_name(reply_to, "reply_to")
+        reply_to = check_topic_name(obj["reply_to"], "reply_to") if "reply_to" in obj else None
         return Request(
             id=checked_id,
             messages=messages,

@@ -186,10 +186,20 @@ def test_unavailable_provider_fails_with_a_clear_message(
     assert agent.proc is not None and agent.proc.wait(30) == 1
     failure = next(line for line in agent.log_lines() if line["event"] == "model.load_failed")
     assert "provider 'cuda'" in failure["error"] and "onnxruntime-genai-cuda" in failure["error"]
-    status = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d["state"] == "offline", 10)
-    assert "cuda" in status["error"]
+    degraded = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d["state"] == "degraded", 10)
+    assert "cuda" in degraded["error"]
+    offline = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d["state"] == "offline", 10)
+    assert offline["error"] == degraded["error"]
 
 
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("edge-agent 0.")
+
+
+def test_unreadable_genai_config_exits_78(tmp_path: Path) -> None:
+    (tmp_path / "genai_config.json").write_text("{ not json")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[model]\npath = "{tmp_path}"\n[mqtt]\nport = 1\n')
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 78 and "cannot read" in result.stdout + result.stderr

@@ -210,6 +210,7 @@ BAD_INPUTS = [
     ({"id": "t25", "prompt": "x", "timeout_s": "soon"}, "bad_request", "timeout_s", "t25"),
     ({"id": "t26", "prompt": "x", "system": 3}, "bad_request", "'system' must be a string", "t26"),
     ({"id": "t27", "prompt": "x", "reply_to": 5}, "bad_request", "reply_to must be a string", "t27"),
+    ({"id": "t28", "prompt": "x", "reply_to": None}, "bad_request", "reply_to must be a string, got null", "t28"),
     ({"id": 12, "prompt": "x"}, "bad_request", "'id' must be a string", None),
     ({"id": "x" * 129, "prompt": "x"}, "bad_request", "1-128 characters", None),
     ({"id": "", "prompt": "x"}, "bad_request", "1-128 characters", None),
