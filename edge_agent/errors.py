@@ -14,6 +14,10 @@ class ErrorCode(str, Enum):
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    CAMERA_UNAVAILABLE = "camera_unavailable"
+    STALE_FRAME = "stale_frame"
+    BAD_IMAGE = "bad_image"
+    UNSUPPORTED = "unsupported"
 
 
 class AgentError(Exception):
@@ -49,6 +53,22 @@ class Timeout(AgentError):
 
 class Unavailable(AgentError):
     code = ErrorCode.UNAVAILABLE
+
+
+class CameraUnavailable(AgentError):
+    code = ErrorCode.CAMERA_UNAVAILABLE
+
+
+class StaleFrame(AgentError):
+    code = ErrorCode.STALE_FRAME
+
+
+class BadImage(AgentError):
+    code = ErrorCode.BAD_IMAGE
+
+
+class Unsupported(AgentError):
+    code = ErrorCode.UNSUPPORTED
 
 
 class ConfigError(Exception):

@@ -87,6 +87,32 @@ class ModelSettings(_Strict):
     warmup: bool = Field(True, description="run one short generation before reporting ready")
 
 
+class CameraSettings(_Strict):
+    source: str | int = Field(description="V4L2 index or /dev/videoN, a file (looped), an rtsp/http(s)/"
+                              "udp/tcp URL, or a GStreamer pipeline (contains '!')")
+    mode: Literal["continuous", "on_demand"] = Field(
+        "continuous", description="continuous: a thread decodes every frame and keeps the latest; "
+        "on_demand: open and grab only when a request needs a frame (saves CPU)")
+    width: int | None = Field(None, ge=16, le=8192, description="requested capture width")
+    height: int | None = Field(None, ge=16, le=8192, description="requested capture height")
+    fps: float | None = Field(None, gt=0, le=240, description="requested capture rate")
+    rotate: Literal[0, 90, 180, 270] = Field(0, description="clockwise rotation applied to frames")
+    max_frame_age_ms: int = Field(1000, ge=1, le=600_000, description="older frames are never used")
+    fresh_wait_ms: int = Field(2000, ge=0, le=60_000, description="how long a request waits for a fresh frame")
+    open_timeout_s: float = Field(10.0, gt=0, le=120, description="give up opening the source after this")
+    read_timeout_s: float = Field(5.0, gt=0, le=120, description="a read slower than this counts as a failure")
+    reconnect_min_s: float = Field(0.5, gt=0, le=60, description="first reopen delay")
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="reopen delay cap")
+
+
+class ImageSettings(_Strict):
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="encoded size cap of one image")
+    max_image_pixels: int = Field(40_000_000, ge=1024, description="declared width*height cap")
+    max_images: int = Field(4, ge=1, le=16, description="images (all sources) in one request")
+    longest_side: int = Field(1008, ge=64, le=8192, description="images are downscaled to this")
+    jpeg_quality: int = Field(90, ge=30, le=100, description="quality of the re-encoded JPEG")
+
+
 class LimitsSettings(_Strict):
     queue_size: int = Field(8, ge=1, le=10000, description="requests waiting for the worker")
     max_payload_bytes: int = Field(65536, ge=512, le=16 * 1024 * 1024, description="request size cap")
@@ -102,6 +128,8 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    cameras: dict[str, CameraSettings] = Field(default_factory=dict, description="[cameras.<name>] tables")
+    images: ImageSettings = Field(default_factory=ImageSettings)
     shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running request")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: JSON unless a TTY")
@@ -110,6 +138,13 @@ class Settings(BaseSettings):
     @classmethod
     def _device_is_segment(cls, value: str) -> str:
         return _check_segment(value, "device_id")
+
+    @field_validator("cameras")
+    @classmethod
+    def _camera_names(cls, value: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
+        for name in value:
+            _check_segment(name, f"camera name {name!r}")
+        return value
 
     @property
     def client_id(self) -> str:
