@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Round trip of one answer over MQTT next to raw ORT GenAI generation of the same prompt.
 
-    python bench/roundtrip.py [--model tiny|smollm2|PATH] [--runs 20] [--tokens 32] [--json]
+    python bench/roundtrip.py [--model tiny|smollm2|PATH] [--runs 20] [--tokens 32]
+                              [--prompt TEXT] [--tcp-nodelay] [--json]
 
-MQTT side: a private mosquitto and `edge-agent run` as a subprocess; each run publishes one
-MQTT 5 request (response topic + correlation data) and times publish -> answer received.
-Raw side: in this process, what the engine does per request without the daemon: chat template,
-tokenize, greedy generate loop, detokenize. It runs after the agent has stopped, so the two
-never share the CPU. Both sides do WARMUP_RUNS untimed runs first.
+MQTT side: a private mosquitto and `edge-agent run` as a subprocess; each run publishes one MQTT 5
+request (response topic + correlation data) and times publish -> answer received. Raw side: in
+this process, what the engine does per request without the daemon (chat template, tokenize, greedy
+loop, detokenize), after the agent has stopped so the two never share the CPU. Both sides do
+2 untimed warm-up runs (WARMUP_RUNS) first.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def mqtt_runs(model: Path, prompt: str, tokens: int, runs: int, nodelay: bool) -
         client = Client(broker.port)
         if nodelay:
             client.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # model.max_new_tokens caps a request's max_tokens: keep it above --tokens.
         agent = AgentProcess(workdir, broker.port, model, model__max_new_tokens=max(tokens, 64))
         agent.start(client)
         reply = f"bench/{uuid.uuid4().hex[:8]}/answer"
@@ -73,7 +75,7 @@ def mqtt_runs(model: Path, prompt: str, tokens: int, runs: int, nodelay: bool) -
             results.append({"round_trip_ms": round_trip_ms, **answer["timings"],
                             "completion_tokens": answer["usage"]["completion_tokens"]})
         return results[WARMUP_RUNS:]
-    except BaseException:
+    except Exception:
         if agent is not None and agent.log_path.exists():  # the log is deleted below
             sys.stderr.write(agent.log_path.read_text()[-4000:])
         raise
@@ -89,7 +91,6 @@ def mqtt_runs(model: Path, prompt: str, tokens: int, runs: int, nodelay: bool) -
 def raw_runs(model: Path, prompt: str, tokens: int, runs: int) -> list[dict[str, Any]]:
     """One dict per timed run: generation time (ms) and tokens produced, as the engine does it."""
     import onnxruntime_genai as og  # only the raw side needs it in this process
-
     eos = json.loads((model / "genai_config.json").read_text())["model"]["eos_token_id"]
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     og_model = og.Model(str(model))
@@ -142,13 +143,14 @@ def summary(mqtt: list[dict[str, Any]], raw: list[dict[str, Any]]) -> dict[str, 
 
 def markdown(table: dict[str, dict[str, float]]) -> str:
     lines = ["| measure | p50 | p95 | mean |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {s['p50']:.1f} | {s['p95']:.1f} | {s['mean']:.1f} |" for name, s in table.items()]
+    for name, s in table.items():
+        lines.append(f"| {name} | {s['p50']:.1f} | {s['p95']:.1f} | {s['mean']:.1f} |")
     return "\n".join(lines)
 
 
 def token_note(label: str, results: list[dict[str, Any]], tokens: int) -> str:
     counts = [r["completion_tokens"] for r in results]
-    short = sum(c < tokens for c in counts)
+    short = sum(c < tokens for c in counts)  # a model's end token came first: fewer tokens timed
     note = f"{label} completion tokens: min {min(counts)}, max {max(counts)}"
     return note + (f" ({short} of {len(counts)} runs stopped before {tokens})" if short else "")
 
@@ -162,18 +164,18 @@ def resolve_model(arg: str) -> Path | None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny, smollm2 or a model folder (default tiny)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2 or a model folder")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per side (default 20)")
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of each answer (default 32)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="user prompt")
     parser.add_argument("--tcp-nodelay", action="store_true",
-                        help="turn Nagle off on the broker and on this client (the agent keeps its default)")
+                        help="Nagle off on the broker and on this client (the agent keeps its default)")
     parser.add_argument("--json", action="store_true", help="print every run and the summary as JSON")
     args = parser.parse_args()
     if args.runs < 1 or args.tokens < 1:
         parser.error("--runs and --tokens must be at least 1")
-
     model = resolve_model(args.model)
     if model is None:
         parser.error(f"--model {args.model}: not tiny, smollm2 or a folder with genai_config.json")
@@ -182,13 +184,13 @@ def main() -> int:
     table = summary(mqtt, raw)
     if args.json:
         print(json.dumps({"model": str(model), "prompt": args.prompt, "runs": args.runs,
-                          "tokens": args.tokens, "tcp_nodelay": args.tcp_nodelay, "summary": table, "mqtt": mqtt, "raw": raw}, indent=2))
+                          "tokens": args.tokens, "tcp_nodelay": args.tcp_nodelay,
+                          "summary": table, "mqtt": mqtt, "raw": raw}, indent=2))
         return 0
     print(f"model {model}, {args.runs} runs after {WARMUP_RUNS} warm-up, max_tokens {args.tokens}, "
           f"tcp_nodelay {args.tcp_nodelay}")
     print(f"prompt: {args.prompt!r}")
-    print(token_note("agent", mqtt, args.tokens) + "; " + token_note("raw", raw, args.tokens))
-    print()
+    print(token_note("agent", mqtt, args.tokens) + "; " + token_note("raw", raw, args.tokens) + "\n")
     print(markdown(table))
     return 0
 

@@ -26,7 +26,7 @@ from edge_agent.errors import ConfigError
 ENV_PREFIX = "EDGE_AGENT_"
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
-TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROVIDERS = ("auto", "cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
 # Keys holding paths; relative values are taken relative to the config file's folder.
 PATH_KEYS = (("model", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"),
@@ -43,7 +43,7 @@ def _default_device_id() -> str:
 
 def _check_segment(value: str, what: str) -> str:
     if not TOPIC_SEGMENT.match(value):
-        raise ValueError(f"{what} must be 1-64 characters of [A-Za-z0-9_.-] (no '/', '+', '#', '$')")
+        raise ValueError(f"{what} must be 1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit (no '/', '+', '#', '$')")
     return value
 
 
