@@ -6,29 +6,29 @@ Pure: no I/O, no MQTT, no model. docs/protocol.md documents every field here; ke
 from __future__ import annotations
 
 import json
-import math
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.errors import AgentError, BadRequest, ErrorCode, TooLarge
+from edge_agent.strictjson import decode_json_object, json_type
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
 MAX_TOPIC_CHARS = 512
-MAX_INT_DIGITS = 20
-MAX_JSON_DEPTH = 32
 ROLES = ("system", "user", "assistant")
 REQUEST_FIELDS = frozenset({"id", "prompt", "messages", "system", "max_tokens", "temperature",
-                            "top_p", "top_k", "seed", "reply_to", "timeout_s"})
+                            "top_p", "top_k", "seed", "reply_to", "timeout_s",
+                            "camera", "frames", "interval_ms", "images", "include_frame"})
+MAX_FRAMES = 8
+MAX_INTERVAL_MS = 10_000
+CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 100_000
 MAX_SEED = 2**31 - 1
 # C0 controls other than tab, newline and carriage return, and DEL: never legitimate in text.
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ class RequestLimits:
     max_prompt_chars: int
     max_tokens_cap: int
     max_timeout_s: float
+    max_images: int = 4
+    camera_names: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,15 @@ class Request:
     seed: int | None = None
     reply_to: str | None = None
     timeout_s: float | None = None
+    cameras: tuple[str, ...] = ()  # each a configured camera name
+    frames: int = 1  # frames per camera, `interval_ms` apart
+    interval_ms: int = 0
+    images: tuple[str, ...] = ()  # base64 text, decoded and sanitized by the worker
+    include_frame: bool = False
+
+    @property
+    def image_count(self) -> int:
+        return len(self.cameras) * self.frames + len(self.images)
 
 
 class RequestError(AgentError):
@@ -80,74 +91,6 @@ class RequestError(AgentError):
     def __init__(self, error: AgentError, request_id: str | None) -> None:
         super().__init__(error.message, error.code)
         self.request_id = request_id
-
-
-def _reject_constant(name: str) -> Any:
-    raise BadRequest(f"{name} is not a number JSON allows")
-
-
-def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise BadRequest(f"integer with {len(text)} digits is too large")
-    return int(text)
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise BadRequest(f"number {text[:40]} is out of range")
-    return value
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise BadRequest(f"duplicate key {key[:64]!r}")
-        obj[key] = value
-    return obj
-
-
-def _check_depth(text: str) -> None:
-    """Refuse deep nesting before json.loads sees it: its recursion limit differs between
-    Python versions, and a request needs only two levels."""
-    depth = 0
-    for match in JSON_BRACKET.finditer(JSON_STRING.sub("", text)):
-        depth += 1 if match.group() in "[{" else -1
-        if depth > MAX_JSON_DEPTH:
-            raise BadRequest(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels")
-
-
-def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
-    if len(payload) > max_bytes:
-        raise TooLarge(f"payload is {len(payload)} bytes; the limit is {max_bytes}")
-    if not payload.strip():
-        raise BadRequest("payload is empty")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadRequest(f"payload is not valid UTF-8 (byte {exc.start})") from None
-    _check_depth(text)
-    try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int,
-                         parse_float=_parse_float, object_pairs_hook=_object_without_duplicates)
-    except RecursionError:
-        raise BadRequest(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except ValueError as exc:  # int() digit limits and friends
-        raise BadRequest(f"payload has an invalid number: {str(exc)[:80]}") from None
-    if not isinstance(obj, dict):
-        raise BadRequest(f"request must be a JSON object, got {_json_type(obj)}")
-    return obj
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if value is None:
-        return "null"
-    return {dict: "object", list: "array", str: "string", int: "integer", float: "number"}[type(value)]
 
 
 def _read_id(obj: dict[str, Any]) -> str | None:
@@ -163,7 +106,7 @@ def _check_id(obj: dict[str, Any]) -> str:
         return uuid.uuid4().hex
     value = obj["id"]
     if not isinstance(value, str):
-        raise BadRequest(f"'id' must be a string, got {_json_type(value)}")
+        raise BadRequest(f"'id' must be a string, got {json_type(value)}")
     if not 0 < len(value) <= MAX_ID_CHARS:
         raise BadRequest(f"'id' must be 1-{MAX_ID_CHARS} characters, got {len(value)}")
     if CONTROL_CHARS.search(value):
@@ -174,7 +117,7 @@ def _check_id(obj: dict[str, Any]) -> str:
 def _text(obj: dict[str, Any], field: str) -> str:
     value = obj[field]
     if not isinstance(value, str):
-        raise BadRequest(f"'{field}' must be a string, got {_json_type(value)}")
+        raise BadRequest(f"'{field}' must be a string, got {json_type(value)}")
     if not value.strip():
         raise BadRequest(f"'{field}' is empty")
     if CONTROL_CHARS.search(value):
@@ -190,7 +133,7 @@ def _number(obj: dict[str, Any], field: str, low: float, high: float, *, integer
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise BadRequest(f"'{field}' must be {'an integer' if integer else 'a number'}, "
-                         f"got {_json_type(value)}")
+                         f"got {json_type(value)}")
     if value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
         raise BadRequest(f"'{field}' must be in {bracket}{low:g}, {high:g}], got {value!r:.40}")
@@ -238,6 +181,7 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
         if chars > limits.max_prompt_chars:
             raise TooLarge(f"prompt is {chars} characters; the limit is {limits.max_prompt_chars}")
         reply_to = check_topic_name(obj["reply_to"], "reply_to") if "reply_to" in obj else None
+        vision = _vision_fields(obj, limits)
         return Request(
             id=checked_id,
             messages=messages,
@@ -248,15 +192,53 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
             seed=_number(obj, "seed", 0, MAX_SEED, integer=True),
             reply_to=reply_to,
             timeout_s=_number(obj, "timeout_s", 0, limits.max_timeout_s, integer=False, low_open=True),
+            **vision,
         )
     except AgentError as exc:
         raise RequestError(exc, request_id) from None
 
 
+def _camera_list(obj: dict[str, Any], names: frozenset[str]) -> tuple[str, ...]:
+    raw = obj["camera"]
+    cameras = [raw] if isinstance(raw, str) else raw
+    if not isinstance(cameras, list) or not cameras or not all(isinstance(c, str) for c in cameras):
+        raise BadRequest("'camera' must be a camera name or a non-empty array of names")
+    for name in cameras:
+        # Names come only from settings; anything path-like is refused before any lookup.
+        if not CAMERA_NAME.match(name) or name not in names:
+            raise BadRequest(f"unknown camera {name[:64]!r}"
+                             + (f"; configured: {', '.join(sorted(names))}" if names else "; none configured"))
+    if len(set(cameras)) != len(cameras):
+        raise BadRequest("'camera' names a camera twice; use 'frames' for several frames")
+    return tuple(cameras)
+
+
+def _vision_fields(obj: dict[str, Any], limits: RequestLimits) -> dict[str, Any]:
+    cameras = _camera_list(obj, limits.camera_names) if "camera" in obj else ()
+    frames = _number(obj, "frames", 1, MAX_FRAMES, integer=True)
+    interval_ms = _number(obj, "interval_ms", 0, MAX_INTERVAL_MS, integer=True)
+    if (frames is not None or interval_ms is not None) and len(cameras) != 1:
+        raise BadRequest("'frames' and 'interval_ms' need exactly one 'camera'")
+    images: tuple[str, ...] = ()
+    if "images" in obj:
+        raw = obj["images"]
+        if not isinstance(raw, list) or not raw or not all(isinstance(i, str) and i for i in raw):
+            raise BadRequest("'images' must be a non-empty array of base64 strings")
+        images = tuple(raw)
+    include = obj.get("include_frame", False)
+    if not isinstance(include, bool):
+        raise BadRequest(f"'include_frame' must be true or false, got {json_type(include)}")
+    count = len(cameras) * (frames or 1) + len(images)
+    if count > limits.max_images:
+        raise TooLarge(f"request asks for {count} images; the limit is {limits.max_images}")
+    return {"cameras": cameras, "frames": frames or 1, "interval_ms": interval_ms or 0,
+            "images": images, "include_frame": include}
+
+
 def check_topic_name(topic: Any, what: str = "reply topic") -> str:
     """A topic we may publish to: no wildcards, no `$` topics, no empty levels."""
     if not isinstance(topic, str):
-        raise BadRequest(f"{what} must be a string, got {_json_type(topic)}")
+        raise BadRequest(f"{what} must be a string, got {json_type(topic)}")
     if not topic or len(topic) > MAX_TOPIC_CHARS:
         raise BadRequest(f"{what} must be 1-{MAX_TOPIC_CHARS} characters")
     if "+" in topic or "#" in topic:
@@ -299,7 +281,8 @@ def encode(payload: dict[str, Any]) -> bytes:
 
 def answer_payload(request_id: str, *, text: str, finish_reason: str, model: str, provider: str,
                    prompt_tokens: int, completion_tokens: int, queue_ms: float, ttft_ms: float | None,
-                   total_ms: float, tokens_per_s: float) -> bytes:
+                   total_ms: float, tokens_per_s: float, frames: list[dict[str, Any]] | None = None) -> bytes:
+    extra = {"frames": frames} if frames is not None else {}
     return encode({
         "id": request_id, "ok": True, "text": text, "finish_reason": finish_reason,
         "model": model, "provider": provider,
@@ -307,6 +290,7 @@ def answer_payload(request_id: str, *, text: str, finish_reason: str, model: str
         "timings": {"queue_ms": round(queue_ms, 1),
                     "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
                     "total_ms": round(total_ms, 1), "tokens_per_s": round(tokens_per_s, 1)},
+        **extra,
     })
 
 

@@ -1,0 +1,84 @@
+"""Strict JSON decoding for untrusted payloads: bounded size and depth, no NaN/Infinity,
+no huge integers, no duplicate keys. Every refusal is a BadRequest or TooLarge."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from edge_agent.errors import BadRequest, TooLarge
+
+MAX_INT_DIGITS = 20
+MAX_JSON_DEPTH = 32
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not a number JSON allows")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BadRequest(f"integer with {len(text)} digits is too large")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"number {text[:40]} is out of range")
+    return value
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise BadRequest(f"duplicate key {key[:64]!r}")
+        obj[key] = value
+    return obj
+
+
+def _check_depth(text: str) -> None:
+    """Refuse deep nesting before json.loads sees it: its recursion limit differs between
+    Python versions, and a request needs only two levels."""
+    depth = 0
+    for match in JSON_BRACKET.finditer(JSON_STRING.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    if len(payload) > max_bytes:
+        raise TooLarge(f"payload is {len(payload)} bytes; the limit is {max_bytes}")
+    if not payload.strip():
+        raise BadRequest("payload is empty")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"payload is not valid UTF-8 (byte {exc.start})") from None
+    _check_depth(text)
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int,
+                         parse_float=_parse_float, object_pairs_hook=_object_without_duplicates)
+    except RecursionError:
+        raise BadRequest(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # int() digit limits and friends
+        raise BadRequest(f"payload has an invalid number: {str(exc)[:80]}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest(f"request must be a JSON object, got {json_type(obj)}")
+    return obj
+
+
+def json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return {dict: "object", list: "array", str: "string", int: "integer", float: "number"}[type(value)]
