@@ -18,13 +18,16 @@ from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
 from edge_agent.protocol import (RequestError, RequestLimits, Topics, choose_reply_topic,
                                  error_payload, parse_request)
+from edge_agent.camera import CameraSet, validate_cameras
 from edge_agent.scheduler import Scheduler
+from edge_agent.vision import ImageGatherer
 from edge_agent.settings import Settings
 
 log = get_logger("app")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
 BUSY_RETRY_AFTER_MS = 1000
 HEALTH_CHECK_S = 1.0
+STATUS_REFRESH_S = 30.0
 
 
 class Agent:
@@ -32,7 +35,9 @@ class Agent:
         self.settings = settings
         self.topics = Topics(settings.mqtt.topic_prefix, settings.device_id)
         self.limits = RequestLimits(settings.limits.max_payload_bytes, settings.limits.max_prompt_chars,
-                                    settings.model.max_new_tokens, settings.limits.max_timeout_s)
+                                    settings.model.max_new_tokens, settings.limits.max_timeout_s,
+                                    settings.images.max_images, frozenset(settings.cameras))
+        self.cameras = CameraSet(settings.cameras)
         self.status = StatusBoard(settings.device_id)
         self.outcomes: Counter[str] = Counter()
         self.engine = OrtGenaiEngine(settings.model.path, settings.model.provider)
@@ -41,21 +46,26 @@ class Agent:
                                will_topic=self.topics.status, will_payload=self.status.offline_payload(),
                                on_message=self._on_message, on_connected=self._publish_status)
         self._stopping = threading.Event()
+        self._camera_states: dict[str, str] = {}
+        self._status_at = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Broker first (so `starting` is visible), then model, warm-up, worker, subscription."""
+        """Broker first (so `starting` is visible), cameras (they open in the background),
+        then model, warm-up, worker, subscription."""
         self.link.start()
+        self.cameras.start_all()
         self.engine.load()
         self._set_status("starting", model=self.engine.name, provider=self.engine.provider)
         if self.settings.model.warmup:
             warm = self.engine.warm_up()
             log.info("model.warmed_up", ms=round(warm.generate_ms, 1))
-        handler = RequestHandler(self.engine, GenerationParams, self.settings.model.max_new_tokens)
+        handler = RequestHandler(self.engine, GenerationParams, self.settings.model.max_new_tokens,
+                                 ImageGatherer(self.cameras, self.settings.images))
         self.scheduler = Scheduler(self.settings.limits.queue_size, lambda job: self._process(handler, job))
         self.scheduler.start()
         self.link.accept_requests(True)
-        self._set_status("ready")
+        self._set_status("ready", cameras=self.cameras.info())
         log.info("agent.ready", request_topic=self.topics.request)
 
     def stop(self) -> None:
@@ -67,6 +77,7 @@ class Agent:
             for job in self.scheduler.stop(self.settings.shutdown_grace_s):
                 self._reply_error(job.reply_topic, job.request.id, Unavailable("the agent is stopping"),
                                   job.correlation_data)
+        self.cameras.stop_all()
         offline = self.status.set("offline")
         if not self.link.publish_and_wait(self.topics.status, offline, retain=True):
             log.warning("status.offline_not_acknowledged")
@@ -139,7 +150,17 @@ class Agent:
         self.status.set(state, **fields)
         self._publish_status()
 
+    def refresh_status(self, force: bool = False) -> None:
+        """Republish when a camera changed state, or every STATUS_REFRESH_S for fps and ages."""
+        cameras = self.cameras.info()
+        states = {name: info["state"] for name, info in cameras.items()}
+        now = time.monotonic()
+        if force or states != self._camera_states or now - self._status_at >= STATUS_REFRESH_S:
+            self._camera_states = states
+            self._set_status(self.status.state, cameras=cameras)
+
     def _publish_status(self) -> None:
+        self._status_at = time.monotonic()
         self.link.publish(self.topics.status, self.status.payload(), retain=True)
 
 
@@ -152,6 +173,7 @@ def check_model_folder(settings: Settings) -> None:
 def run(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     check_model_folder(settings)
+    validate_cameras(settings)
     stop_requested = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -170,6 +192,7 @@ def run(settings: Settings) -> int:
     try:
         agent.start()
         while not stop_requested.wait(HEALTH_CHECK_S):
+            agent.refresh_status()
             if not agent.healthy():
                 log.error("agent.unhealthy", mqtt_loop=agent.link.loop_alive())
                 code = EXIT_FAILURE

@@ -53,10 +53,18 @@ def _load(config: str | None) -> Any:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from edge_agent.camera import validate_cameras
+    from edge_agent.errors import ConfigError
     from edge_agent.settings import config_path, describe_settings
 
     settings = _load(args.config)
     if settings is None:
+        return EXIT_CONFIG
+    try:
+        validate_cameras(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     path, _ = config_path(args.config)
     print(f"# settings from {path if path.exists() else 'defaults'} and EDGE_AGENT_* environment")

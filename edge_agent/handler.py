@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
-from edge_agent.errors import AgentError, ErrorCode, Timeout
+from edge_agent.errors import AgentError, ErrorCode, Timeout, Unsupported
 from edge_agent.log import get_logger
 from edge_agent.protocol import Request, answer_payload, error_payload
 
@@ -16,9 +16,14 @@ log = get_logger("handler")
 class Engine(Protocol):
     name: str
     provider: str
+    supports_images: bool
 
     def generate(self, messages: tuple[dict[str, str], ...], params: Any,
-                 deadline: float | None = None) -> Any: ...
+                 deadline: float | None = None, images: Sequence[bytes] = ()) -> Any: ...
+
+
+class Gatherer(Protocol):
+    def gather(self, request: Request) -> tuple[list[bytes], list[dict[str, Any]] | None]: ...
 
 
 @dataclass
@@ -38,10 +43,12 @@ class Job:
 class RequestHandler:
     """Turns a job into the payload of its answer; every failure becomes an error payload."""
 
-    def __init__(self, engine: Engine, make_params: Any, max_new_tokens: int) -> None:
+    def __init__(self, engine: Engine, make_params: Any, max_new_tokens: int,
+                 gatherer: Gatherer | None = None) -> None:
         self._engine = engine
         self._make_params = make_params  # GenerationParams constructor, kept out of this module
         self._max_new_tokens = max_new_tokens
+        self._gatherer = gatherer
 
     def handle(self, job: Job) -> tuple[bytes, str]:
         """Returns (payload, outcome) where outcome is "ok" or an error code."""
@@ -54,7 +61,8 @@ class RequestHandler:
             temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             seed=request.seed)
         try:
-            result = self._engine.generate(request.messages, params, job.deadline)
+            images, frames = self._images(request)
+            result = self._engine.generate(request.messages, params, job.deadline, images)
         except AgentError as exc:
             return self._error(request.id, exc)
         except Exception as exc:  # noqa: BLE001 - one failing request must not stop the worker
@@ -71,7 +79,18 @@ class RequestHandler:
             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
             queue_ms=(started - job.received_at) * 1000, ttft_ms=result.ttft_ms,
             total_ms=(finished - job.received_at) * 1000, tokens_per_s=result.tokens_per_s,
+            frames=frames,
         ), "ok"
+
+    def _images(self, request: Request) -> tuple[list[bytes], list[dict[str, Any]] | None]:
+        if not request.image_count:
+            return [], None
+        if not self._engine.supports_images:
+            raise Unsupported(f"model {self._engine.name} takes no images; use a vision model "
+                              "such as Phi-3.5-vision")
+        if self._gatherer is None:
+            raise Unsupported("this agent has no image support configured")
+        return self._gatherer.gather(request)
 
     @staticmethod
     def _error(request_id: str, exc: AgentError) -> tuple[bytes, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RECIPES = {"tiny": "testmodels.tiny_phi3", "smollm2": "testmodels.smollm2"}
+RECIPES = {"tiny": "testmodels.tiny_phi3", "smollm2": "testmodels.smollm2", "tiny-vision": "testmodels.tiny_phi3v"}
 COMPLETE_MARKER = ".complete"
 
 

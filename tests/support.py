@@ -141,19 +141,18 @@ class AgentProcess:
         self.prefix = "edge-agent"
         self.config = workdir / f"{self.device_id}.toml"
         self.log_path = workdir / f"{self.device_id}.log"
-        sections: dict[str, dict[str, Any]] = {
+        config: dict[str, Any] = {
+            "device_id": self.device_id, "shutdown_grace_s": 5.0,
             "mqtt": {"port": broker_port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
             "model": {"path": str(model), "max_new_tokens": 64},
-            "limits": {},
         }
-        top: dict[str, Any] = {"device_id": self.device_id, "shutdown_grace_s": 5.0}
-        for key, value in overrides.items():
+        for key, value in overrides.items():  # "section__name" sets a key inside a table
             section, _, name = key.partition("__")
             if name:
-                sections[section][name] = value
+                config.setdefault(section, {})[name] = value
             else:
-                top[key] = value
-        self.config.write_text(_toml(top, sections))
+                config[key] = value
+        self.config.write_text(to_toml(config))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -193,12 +192,14 @@ class AgentProcess:
         return lines
 
 
-def _toml(top: dict[str, Any], sections: dict[str, dict[str, Any]]) -> str:
+def to_toml(data: dict[str, Any], table: str = "") -> str:
+    """Enough TOML for test settings: scalars and lists first, then nested tables."""
     def value(v: Any) -> str:
-        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+        return str(v).lower() if isinstance(v, bool) else json.dumps(v)
 
-    out = [f"{k} = {value(v)}" for k, v in top.items()]
-    for name, table in sections.items():
-        out.append(f"[{name}]")
-        out += [f"{k} = {value(v)}" for k, v in table.items()]
+    scalars = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = ([f"[{table}]"] if table and scalars else []) + scalars
+    for key, sub in data.items():
+        if isinstance(sub, dict):
+            out.append(to_toml(sub, f"{table}.{key}" if table else key))
     return "\n".join(out) + "\n"

@@ -21,8 +21,9 @@ class StandInEngine:
     failure: Exception | None = None
     name: str = "stand-in"
     provider: str = "cpu"
+    supports_images: bool = False
 
-    def generate(self, messages, params, deadline=None):  # noqa: ANN001 - mirrors OrtGenaiEngine
+    def generate(self, messages, params, deadline=None, images=()):  # noqa: ANN001 - mirrors OrtGenaiEngine
         if self.failure:
             raise self.failure
         return Generation("ok", "stop", 3, params.max_new_tokens, 1.0, 2.0)
@@ -52,6 +53,12 @@ def test_expired_job_is_not_run() -> None:
     engine = StandInEngine(RuntimeError("must not run"))
     doc, outcome = handle(engine, Job(REQUEST, "t", deadline=time.monotonic() - 0.1))
     assert outcome == "timeout" and "queued" in doc["error"]["message"]
+
+
+def test_images_for_a_text_model_are_unsupported() -> None:
+    with_image = Request(id="v", messages=REQUEST.messages, images=("aGk=",))
+    doc, outcome = handle(StandInEngine(RuntimeError("must not run")), Job(with_image, "t"))
+    assert outcome == "unsupported" and "takes no images" in doc["error"]["message"]
 
 
 def test_deadline_is_the_smaller_of_timeout_and_message_expiry() -> None:

@@ -6,11 +6,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import onnxruntime_genai as og
 
-from edge_agent.errors import ModelLoadError, Timeout, TooLarge
+from edge_agent.errors import ModelLoadError, Timeout, TooLarge, Unsupported
 from edge_agent.inference.providers import apply_provider, configured_providers
 from edge_agent.log import get_logger
 
@@ -80,6 +80,9 @@ class OrtGenaiEngine:
         eos = model_section.get("eos_token_id", [])
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
         self.name = folder.name
+        # Phi-3(.5)-vision packages say type "phi3v"; they carry a vision session and processor.
+        self.supports_images = model_section.get("type") == "phi3v" or "vision" in model_section
+        self._processor: Any = None
         self.provider, self.provider_reason = "", ""
         self._model: Any = None
         self._tokenizer: Any = None
@@ -91,29 +94,47 @@ class OrtGenaiEngine:
             self.folder, self.requested_provider, self._folder_providers)
         try:
             self._tokenizer = og.Tokenizer(self._model)
+            if self.supports_images:
+                self._processor = self._model.create_multimodal_processor()
         except Exception as exc:  # ORT GenAI raises plain RuntimeError
-            raise ModelLoadError(f"cannot load the tokenizer of {self.folder}: {exc}") from exc
+            raise ModelLoadError(f"cannot load the tokenizer/processor of {self.folder}: {exc}") from exc
         log.info("model.loaded", model=self.name, provider=self.provider, reason=self.provider_reason,
                  context_length=self.context_length, ms=round((time.monotonic() - started) * 1000, 1))
 
     def warm_up(self) -> Generation:
         return self.generate(({"role": "user", "content": "Hello"},), GenerationParams(WARMUP_TOKENS))
 
-    def prompt_tokens(self, messages: tuple[dict[str, str], ...]) -> Any:
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         try:
-            prompt = self._tokenizer.apply_chat_template(json.dumps(list(messages)),
-                                                         add_generation_prompt=True)
+            return str(self._tokenizer.apply_chat_template(json.dumps(list(messages)),
+                                                           add_generation_prompt=True))
         except Exception as exc:
             raise ModelLoadError(f"the model's chat template failed: {exc}") from exc
-        return self._tokenizer.encode(prompt)
 
-    def generate(self, messages: tuple[dict[str, str], ...], params: GenerationParams,
-                 deadline: float | None = None) -> Generation:
+    def prompt_tokens(self, messages: Sequence[dict[str, str]]) -> Any:
+        return self._tokenizer.encode(self.chat_prompt(messages))
+
+    def _image_inputs(self, messages: Sequence[dict[str, str]], images: Sequence[bytes]) -> Any:
+        """Processor inputs: `<|image_N|>` tags lead the last user message, one per image.
+        Every image must already be a JPEG or PNG made by us (images.py): ORT GenAI's decoder
+        ends the whole process on anything else."""
+        tags = "".join(f"<|image_{n}|>\n" for n in range(1, len(images) + 1))
+        tagged = [*messages[:-1], {**messages[-1], "content": tags + messages[-1]["content"]}]
+        return self._processor(self.chat_prompt(tagged), images=og.Images.open_bytes(*images))
+
+    def generate(self, messages: Sequence[dict[str, str]], params: GenerationParams,
+                 deadline: float | None = None, images: Sequence[bytes] = ()) -> Generation:
         """Generate an answer; raises TooLarge for a prompt beyond the context, Timeout past
         `deadline` (a time.monotonic() value)."""
         started = time.monotonic()
-        tokens = self.prompt_tokens(messages)
-        prompt_len = len(tokens)
+        if images:
+            if self._processor is None:
+                raise Unsupported(f"model {self.name} takes no images")
+            inputs = self._image_inputs(messages, images)
+            prompt_len = int(inputs["input_ids"].shape()[-1])
+        else:
+            tokens = self.prompt_tokens(messages)
+            prompt_len = len(tokens)
         budget = params.max_new_tokens
         if self.context_length:
             if prompt_len >= self.context_length:
@@ -124,7 +145,10 @@ class OrtGenaiEngine:
         # max_length sizes the KV buffer: keep it to what this request can use.
         search.set_search_options(max_length=prompt_len + budget, **params.search_options())
         generator = og.Generator(self._model, search)
-        generator.append_tokens(tokens)
+        if images:
+            generator.set_inputs(inputs)
+        else:
+            generator.append_tokens(tokens)
         stream = self._tokenizer.create_stream()
         pieces: list[str] = []
         produced, finish, ttft_ms = 0, "length", None

@@ -104,7 +104,10 @@ def _logit_bias(tok: Tokenizer) -> np.ndarray:
     return bias
 
 
-def _decoder_graph(vocab: int, bias: np.ndarray) -> onnx.ModelProto:
+def _decoder_graph(vocab: int, bias: np.ndarray, *, context: int = CONTEXT,
+                   inputs_embeds: bool = False) -> onnx.ModelProto:
+    """The decoder graph; with `inputs_embeds=True` it takes `inputs_embeds` [B,S,HIDDEN]
+    instead of `input_ids` (the text stage of a phi3v-style model, see tiny_phi3v.py)."""
     rng = np.random.default_rng(SEED)
     inits, nodes = [], []
 
@@ -127,14 +130,17 @@ def _decoder_graph(vocab: int, bias: np.ndarray) -> onnx.ModelProto:
         return node("LayerNormalization", [x, f"{name}.g", f"{name}.b"], name, axis=-1)
 
     # Learned absolute positions instead of RoPE: simpler, and only the shapes matter here.
-    x = node("Add", [node("Gather", [weight("embed", [vocab, HIDDEN], 1.0), "input_ids"], "tok_emb"),
-                     node("Gather", [weight("pos_embed", [CONTEXT, HIDDEN], 0.5), "position_ids"], "pos_emb")], "h0")
+    tokens_in = "inputs_embeds" if inputs_embeds else "input_ids"
+    tok_emb = (tokens_in if inputs_embeds
+               else node("Gather", [weight("embed", [vocab, HIDDEN], 1.0), "input_ids"], "tok_emb"))
+    x = node("Add", [tok_emb,
+                     node("Gather", [weight("pos_embed", [context, HIDDEN], 0.5), "position_ids"], "pos_emb")], "h0")
 
     # Additive attention mask [B,1,S,T]: query i (cache slot T-S+i) sees slots <= itself
     # that the attention mask marks as real tokens (ORT GenAI pads on the left).
     const("one", np.int64(1))
     const("zero", np.int64(0))
-    seq = node("Squeeze", [node("Shape", ["input_ids"], "seq_1d", start=1, end=2)], "seq")
+    seq = node("Squeeze", [node("Shape", [tokens_in], "seq_1d", start=1, end=2)], "seq")
     total = node("Squeeze", [node("Shape", ["attention_mask"], "total_1d", start=1, end=2)], "total")
     q_pos = node("Range", [node("Sub", [total, seq], "past_len"), total, "one"], "q_pos")
     k_pos = node("Range", ["zero", total, "one"], "k_pos")
@@ -178,7 +184,9 @@ def _decoder_graph(vocab: int, bias: np.ndarray) -> onnx.ModelProto:
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     kv_shape = ["batch", HEADS, "past_seq", HEAD_SIZE]
     present_shape = ["batch", HEADS, "total_seq", HEAD_SIZE]
-    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+    tokens_info = (helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "seq", HIDDEN]) if inputs_embeds
+                   else helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]))
+    inputs = [tokens_info,
               helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_seq"]),
               helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"])]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", vocab])]
@@ -241,10 +249,8 @@ def _genai_config(vocab: int, eos_ids: list[int]) -> dict:
     }
 
 
-def build(out_dir: Path) -> None:
-    tok = _train_tokenizer()
-    vocab = tok.get_vocab_size()
-    eos_ids = [tok.token_to_id(t) for t in EOS_TOKENS]
+def _write_tokenizer_files(tok: Tokenizer, out_dir: Path, context: int = CONTEXT) -> None:
+    """tokenizer.json, tokenizer_config.json (with the Phi-3 chat template), special_tokens_map.json."""
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer",
@@ -254,12 +260,19 @@ def build(out_dir: Path) -> None:
         "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
-        "model_max_length": CONTEXT,
+        "model_max_length": context,
         "chat_template": CHAT_TEMPLATE,
     }, indent=2))
     (out_dir / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
     }, indent=2))
+
+
+def build(out_dir: Path) -> None:
+    tok = _train_tokenizer()
+    vocab = tok.get_vocab_size()
+    eos_ids = [tok.token_to_id(t) for t in EOS_TOKENS]
+    _write_tokenizer_files(tok, out_dir)
     onnx.save(_decoder_graph(vocab, _logit_bias(tok)), str(out_dir / "model.onnx"))
     (out_dir / "genai_config.json").write_text(json.dumps(_genai_config(vocab, eos_ids), indent=2))
