@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__
@@ -34,6 +36,15 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--protocol", choices=["5", "3.1.1"], help="MQTT version of this client")
     ask.add_argument("--system", help="system prompt")
     ask.add_argument("--max-tokens", type=int, help="cap on generated tokens")
+    ask.add_argument("--camera", action="append", help="ask about this configured camera (repeatable)")
+    ask.add_argument("--image", action="append", help="attach this image file (repeatable)")
+    ask.add_argument("--frames", type=int, help="frames from the one camera, --interval-ms apart")
+    ask.add_argument("--interval-ms", type=int, help="time between frames")
+
+    snap = commands.add_parser("snapshot", help="save the current frame of a camera (for set-up)")
+    snap.add_argument("--camera", required=True, help="a camera name from the settings")
+    snap.add_argument("-o", "--output", help="JPEG file to write (default: <camera>.jpg)")
+    snap.add_argument("--config", help=config_help)
     ask.add_argument("--json", action="store_true", help="print the whole answer as JSON")
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     return parser
@@ -108,6 +119,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
         request["system"] = args.system
     if args.max_tokens is not None:
         request["max_tokens"] = args.max_tokens
+    if args.camera:
+        request["camera"] = args.camera[0] if len(args.camera) == 1 else args.camera
+    for key, value in (("frames", args.frames), ("interval_ms", args.interval_ms)):
+        if value is not None:
+            request[key] = value
+    if args.image:
+        try:
+            request["images"] = [base64.b64encode(Path(f).read_bytes()).decode("ascii") for f in args.image]
+        except OSError as exc:
+            print(f"edge-agent ask: cannot read image: {exc}", file=sys.stderr)
+            return EXIT_NO_ANSWER
 
     def make_payload(reply_to: str | None) -> bytes:
         return encode({**request, "reply_to": reply_to} if reply_to else request)
@@ -130,7 +152,41 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return EXIT_ANSWERED if answer.get("ok") else EXIT_ERROR_ANSWER
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from edge_agent import log
+    from edge_agent.camera import Camera, validate_cameras
+    from edge_agent.errors import AgentError, ConfigError
+    from edge_agent.images import encode_frame
+
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    if args.camera not in settings.cameras:
+        print(f"edge-agent snapshot: no camera {args.camera!r} in the settings "
+              f"(configured: {', '.join(sorted(settings.cameras)) or 'none'})", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        validate_cameras(settings)
+    except ConfigError as exc:
+        print("\n".join(f"config error: {p}" for p in exc.problems), file=sys.stderr)
+        return EXIT_CONFIG
+    log.configure(settings.log_level, settings.log_format, sys.stderr)  # stdout is the result
+    camera = Camera(args.camera, settings.cameras[args.camera])
+    try:
+        frame = camera.snapshot()
+    except AgentError as exc:
+        print(f"edge-agent snapshot: {exc.code.value}: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR_ANSWER
+    finally:
+        camera.stop()
+    output = Path(args.output or f"{args.camera}.jpg")
+    # Full size: this is for aiming the camera, not for the model.
+    output.write_bytes(encode_frame(frame.image, settings.images.model_copy(update={"longest_side": 8192})))
+    print(f"{output}: {frame.width}x{frame.height}, frame {frame.seq}, age {frame.age_ms():.0f} ms")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "check-config": cmd_check_config, "ask": cmd_ask}
+    handlers = {"run": cmd_run, "check-config": cmd_check_config, "ask": cmd_ask, "snapshot": cmd_snapshot}
     return handlers[args.command](args)

@@ -2,6 +2,7 @@
 """Build the test models once and cache them outside the repository.
 
     python scripts/build_test_models.py tiny       # tiny random-weight Phi-3-style model
+    python scripts/build_test_models.py tiny-vision  # tiny random Phi-3.5-vision-style model
     python scripts/build_test_models.py smollm2    # real SmolLM2-135M-Instruct, int4
 
 The last line printed on stdout is the model folder. A model is rebuilt only when its

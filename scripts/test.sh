@@ -7,5 +7,6 @@ source "$REPO/scripts/setup.sh"
 cd "$REPO"
 # Build the test models once (cached under ~/.cache/edge-agent/models, keyed by recipe).
 python scripts/build_test_models.py tiny
+python scripts/build_test_models.py tiny-vision
 python scripts/build_test_models.py smollm2
 exec python -m pytest "$@"

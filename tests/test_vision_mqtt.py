@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import subprocess
+import sys
 import time
 import uuid
 import zlib
@@ -234,3 +236,31 @@ def test_stale_frame_when_the_stream_freezes(broker: Broker, client: Client, vis
         assert doc["error"]["code"] == "stale_frame"
     finally:
         stream.stop()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_snapshot_saves_the_current_frame(vision_agent: AgentProcess, tmp_path: Path) -> None:
+    out = tmp_path / "front.jpg"
+    result = run_cli("snapshot", "--config", str(vision_agent.config), "--camera", "front", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    image = cv2.imread(str(out))
+    assert image.shape == (240, 320, 3) and "320x240" in result.stdout
+    assert run_cli("snapshot", "--config", str(vision_agent.config), "--camera", "nope").returncode == 78
+
+
+def test_ask_with_camera_and_image_files(vision_agent: AgentProcess, broker: Broker, tmp_path: Path) -> None:
+    picture = tmp_path / "p.png"
+    picture.write_bytes(base64.b64decode(encoded(".png")))
+    common = ("--config", str(vision_agent.config), "--port", str(broker.port), "--json", "--max-tokens", "2")
+    by_camera = run_cli("ask", "What do you see?", "--camera", "front", *common)
+    assert by_camera.returncode == 0, by_camera.stderr
+    assert json.loads(by_camera.stdout)["frames"][0]["camera"] == "front"
+    by_file = run_cli("ask", "What is this?", "--image", str(picture), *common)
+    assert by_file.returncode == 0 and json.loads(by_file.stdout)["usage"]["prompt_tokens"] > 1000
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff garbage")
+    refused = run_cli("ask", "What is this?", "--image", str(broken), *common)
+    assert refused.returncode == 1 and "bad_image" in refused.stdout
