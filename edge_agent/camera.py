@@ -132,8 +132,7 @@ class Camera:
         self._run_id = 0  # a thread of an older run (stuck in a read when stopped) publishes nothing
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._users = 0  # on-demand requests in progress
-        self._users_lock = threading.Lock()
+        self._users, self._users_lock = 0, threading.Lock()  # requests that opened the source
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,8 +161,9 @@ class Camera:
                 log.warning("camera.stop_timeout", camera=self.name)
 
     def _launch(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive() and not self._stop.is_set():
             return
+        self.join()  # an on-demand run may still be closing the source, and a device opens once
         with self._cond:
             self._run_id += 1
             self._stop = threading.Event()
@@ -190,7 +190,7 @@ class Camera:
             with self._users_lock:
                 self._users -= 1
                 if self._users == 0:
-                    self.stop()
+                    self.signal_stop()  # the thread closes the source after its current grab
 
     # --- requests ----------------------------------------------------------------------------
     def fresh_frame(self) -> Frame:

@@ -8,6 +8,7 @@ exception escaping a paho callback would silently kill the network thread.
 from __future__ import annotations
 
 import random
+import socket
 import ssl
 import threading
 import time
@@ -51,6 +52,7 @@ def _new_client(settings: MqttSettings, client_id: str) -> paho.Client:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
                          clean_session=None if v5 else True, reconnect_on_failure=False)
+    client.on_socket_open = _no_delay
     if settings.username:
         client.username_pw_set(settings.username, _read_password(settings.password_file))
     if settings.tls is not None:
@@ -60,6 +62,15 @@ def _new_client(settings: MqttSettings, client_id: str) -> paho.Client:
         except (OSError, ssl.SSLError) as exc:
             raise BrokerError(f"cannot set up TLS: {exc}") from exc
     return client
+
+
+def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Turn Nagle off: an answer is one small packet, and Nagle can hold it up to 40 ms
+    waiting for the ACK of the previous one (measured in bench/RESULTS.md)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (unix/websocket transports)
+        pass
 
 
 def _opt(path: Path | None) -> str | None:

@@ -15,7 +15,7 @@ fi
 WORK="$(mktemp -d)"
 chmod 777 "$WORK"  # mosquitto drops to its own user
 PORT="$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$PORT" > "$WORK/mosquitto.conf"
+printf 'listener %s 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n' "$PORT" > "$WORK/mosquitto.conf"
 cat > "$WORK/agent.toml" <<TOML
 device_id = "demo"
 [mqtt]

@@ -47,7 +47,7 @@ class Broker:
         # mosquitto run as root drops to its own user: the folder must be readable/writable by it.
         self.dir = Path(tempfile.mkdtemp(prefix="mosq-"))
         self.dir.chmod(0o777)
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true"]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
         (self.dir / "mosquitto.conf").write_text("\n".join(lines) + "\n")

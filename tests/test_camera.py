@@ -88,6 +88,7 @@ def test_live_frames_are_fresh_and_new(live: UdpStream, cameras: Callable[..., C
     info = cam.info()
     assert info["state"] == "streaming" and info["error"] is None
     assert 10 <= info["fps"] <= 20 and info["last_frame_age_ms"] < 500
+    assert cam.fresh_frame().age_ms() < 100  # the latest grab, not one retrieved a second ago
 
 
 def test_frames_are_distinct_and_spaced(live: UdpStream, cameras: Callable[..., Camera]) -> None:
@@ -149,18 +150,19 @@ def test_on_demand_opens_per_request_and_leaves_no_thread(live: UdpStream, camer
     assert camera_threads() == [] and cam.info()["state"] == "idle"
     first = cam.fresh_frame()
     assert first.age_ms() < 500 and first.width == 640
-    assert camera_threads() == [] and cam.info()["state"] == "idle"
-    frames = cam.frames(2, 100)
+    until(lambda: camera_threads() == [])  # the thread ends after its current grab
+    assert cam.info()["state"] == "idle"
+    frames = cam.frames(2, 100)  # a second open, right away
     assert frames[1].captured_mono - frames[0].captured_mono >= 0.1 and frames[0].seq > first.seq
-    assert camera_threads() == []
+    until(lambda: camera_threads() == [], timeout=1.0)
 
 
 def test_snapshot_of_a_camera_that_is_not_running(live: UdpStream, cameras: Callable[..., Camera]) -> None:
     cam = cameras(live.url, start=False)
     with pytest.raises(CameraUnavailable, match="not running"):
         cam.fresh_frame()
-    assert cam.snapshot().age_ms() < cam.settings.max_frame_age_ms
-    assert camera_threads() == []
+    assert cam.snapshot().age_ms() < 100
+    until(lambda: camera_threads() == [], timeout=1.0)
 
 
 # --- files -----------------------------------------------------------------------------------------
