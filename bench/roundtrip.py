@@ -50,9 +50,9 @@ def mqtt_runs(model: Path, prompt: str, tokens: int, runs: int, nodelay: bool) -
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     broker, client, agent = Broker(), None, None
     try:
-        if nodelay:  # mosquitto leaves Nagle on by default: see RESULTS.md
-            with (broker.dir / "mosquitto.conf").open("a") as conf:
-                conf.write("set_tcp_nodelay true\n")
+        if not nodelay:  # the test broker turns Nagle off; mosquitto's own default leaves it on
+            conf = broker.dir / "mosquitto.conf"
+            conf.write_text(conf.read_text().replace("set_tcp_nodelay true", "set_tcp_nodelay false"))
         broker.start()
         client = Client(broker.port)
         if nodelay:
