@@ -7,8 +7,10 @@ source delivers it, so no buffer in FFmpeg or the V4L2 driver fills up, and keep
 camera costs what decoding its stream costs. `on_demand` mode: the same thread runs only while a
 request needs frames: it opens the source, lets the frames buffered while opening go by (and a few
 more for a USB camera's auto-exposure), hands over a frame and closes. It costs nothing between
-requests, but each request pays the open: ≈1.5 s on an FFmpeg network stream while it probes.
-bench/CAMERA.md has the measured CPU and frame age.
+requests, but each request pays the open: ≈1.7 s on an FFmpeg network stream while it probes.
+bench/CAMERA.md has the measured figures: on a 640x480 15 fps MPEG-2 stream the continuous mode
+costs what a bare `cap.grab()` loop costs (a little less than a `cap.read()` loop). A frame's age
+counts from its grab: what the sender and FFmpeg held back before that (2-4 frames) is not in it.
 
 A request never waits on a read: it waits on a condition, at most `fresh_wait_ms`, and a camera
 whose reads stopped (reconnecting, or a read hung past `read_timeout_s`) answers CameraUnavailable
@@ -90,7 +92,7 @@ def _open(s: CameraSettings, kind: str) -> cv2.VideoCapture:
     try:
         if kind == "v4l2":
             # V4L2 has no read-timeout property; OpenCV reads this once, at its first V4L2 read.
-            os.environ.setdefault("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT", str(max(1, math.ceil(s.read_timeout_s))))
+            os.environ.setdefault("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT", str(math.ceil(s.read_timeout_s)))
             cap = cv2.VideoCapture(int(s.source) if str(s.source).isdigit() else s.source, cv2.CAP_V4L2)
             for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, s.width), (cv2.CAP_PROP_FRAME_HEIGHT, s.height),
                                 (cv2.CAP_PROP_FPS, s.fps)):
@@ -110,11 +112,6 @@ def _open(s: CameraSettings, kind: str) -> cv2.VideoCapture:
     return cap
 
 
-def _source_fps(cap: cv2.VideoCapture) -> float:
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    return fps if math.isfinite(fps) and 0.5 <= fps <= 240 else DEFAULT_FPS
-
-
 # --- one camera ------------------------------------------------------------------------------
 class Camera:
     def __init__(self, name: str, settings: CameraSettings) -> None:
@@ -130,9 +127,9 @@ class Camera:
         self._wants: list[float] = []  # capture times that waiting requests need a frame at or after
         self._state, self._error = "idle", ""
         self._run_id = 0  # a thread of an older run (stuck in a read when stopped) publishes nothing
-        self._stop = threading.Event()
+        self._interval = 1.0 / DEFAULT_FPS  # between frames of the source, once it is open
+        self._stop, self._users, self._users_lock = threading.Event(), 0, threading.Lock()  # users: see _in_use
         self._thread: threading.Thread | None = None
-        self._users, self._users_lock = 0, threading.Lock()  # requests that opened the source
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,16 +173,16 @@ class Camera:
 
     @contextmanager
     def _in_use(self, temporary: bool) -> Iterator[float]:
-        """Yields how long a request may wait for its first frame. `temporary`: run the capture
-        thread just for this request (on demand, or a snapshot of a camera that is not running)."""
+        """Yields the time a request may wait for its first frame on top of fresh_wait_ms.
+        `temporary`: run the capture thread just for this request (on demand, or a snapshot)."""
         if not temporary:
-            yield self.settings.fresh_wait_ms / 1000.0
+            yield 0.0
             return
         with self._users_lock:
             self._users += 1
             self._launch()
         try:
-            yield self.settings.open_timeout_s + DRAIN_MAX_S + self.settings.fresh_wait_ms / 1000.0
+            yield self.settings.open_timeout_s + DRAIN_MAX_S
         finally:
             with self._users_lock:
                 self._users -= 1
@@ -196,24 +193,25 @@ class Camera:
     def fresh_frame(self) -> Frame:
         """A frame no older than max_frame_age_ms; waits at most fresh_wait_ms for one (on
         demand: plus the open). CameraUnavailable when the camera is not streaming."""
-        with self._in_use(self.settings.mode == "on_demand") as wait_s:
-            return self._wait_frame(None, wait_s)
+        with self._in_use(self.settings.mode == "on_demand") as opening_s:
+            return self._wait_frame(None, opening_s)
 
     def frames(self, count: int, interval_ms: int) -> list[Frame]:
         """`count` distinct fresh frames, each captured at least `interval_ms` after the one before."""
         if count < 1:
             raise BadRequest("frames must be 1 or more")
         interval = max(interval_ms / 1000.0, 1e-6)
-        with self._in_use(self.settings.mode == "on_demand") as wait_s:
-            out = [self._wait_frame(None, wait_s)]
+        with self._in_use(self.settings.mode == "on_demand") as opening_s:
+            out = [self._wait_frame(None, opening_s)]
             while len(out) < count:
-                out.append(self._wait_frame(out[-1].captured_mono + interval, self.settings.fresh_wait_ms / 1000.0))
+                out.append(self._wait_frame(out[-1].captured_mono + interval))
         return out
 
     def snapshot(self) -> Frame:
         """The current frame, for the CLI; opens the camera just for it when no thread runs."""
-        with self._in_use(self.settings.mode == "on_demand" or self._thread is None) as wait_s:
-            return self._wait_frame(None, wait_s)
+        idle = not self._thread or self._stop.is_set()
+        with self._in_use(self.settings.mode == "on_demand" or idle) as opening_s:
+            return self._wait_frame(None, opening_s)
 
     def info(self) -> dict[str, Any]:
         with self._cond:
@@ -236,11 +234,11 @@ class Camera:
             return f"no frame for {now - (self._last_grab or now):.1f} s: a read hangs"
         return self._error or None
 
-    def _wait_frame(self, not_before: float | None, wait_s: float) -> Frame:
+    def _wait_frame(self, not_before: float | None, opening_s: float = 0.0) -> Frame:
         """The latest frame once it is fresh enough and captured at or after `not_before`."""
         s = self.settings
-        now = time.monotonic()
-        deadline = max(now, not_before or now) + wait_s
+        now = time.monotonic()  # even with fresh_wait_ms=0, a request may wait for the next grab
+        deadline = max(now, not_before or now) + opening_s + max(s.fresh_wait_ms / 1000.0, 2 * self._interval)
         with self._cond:
             while True:
                 state = "failed" if self._hung(now) else self._state
@@ -299,7 +297,8 @@ class Camera:
     def _stream(self, cap: cv2.VideoCapture, run_id: int, stop: threading.Event) -> int:
         """Grab until the source fails (raises) or, for a file, ends; returns the frames grabbed."""
         s, live = self.settings, self.kind != "file"
-        interval = 1.0 / (s.fps or _source_fps(cap))
+        fps = s.fps or cap.get(cv2.CAP_PROP_FPS)
+        interval = self._interval = 1.0 / (fps if math.isfinite(fps) and 0.5 <= fps <= 240 else DEFAULT_FPS)
         skip = ON_DEMAND_SKIP if self._users else 0  # opened for a request: let auto-exposure settle
         due = opened = time.monotonic()
         draining, grabbed = live, 0
@@ -320,7 +319,7 @@ class Camera:
                     raise _CaptureFailed("the stream ended or a read failed")
                 return grabbed
             grabbed += 1
-            draining = draining and now - started < DRAIN_BLOCK_FRACTION * interval and now - opened < DRAIN_MAX_S
+            draining &= now - started < DRAIN_BLOCK_FRACTION * interval and now - opened < DRAIN_MAX_S
             if draining:
                 with self._cond:
                     self._dropped += 1  # buffered while the source was being opened

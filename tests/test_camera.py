@@ -163,15 +163,18 @@ def test_snapshot_of_a_camera_that_is_not_running(live: UdpStream, cameras: Call
         cam.fresh_frame()
     assert cam.snapshot().age_ms() < 100
     until(lambda: camera_threads() == [], timeout=1.0)
+    assert cam.snapshot().seq > 1  # and again (the CLI may take several)
+    cam.start()  # a started camera serves snapshots from its thread
+    assert cam.snapshot().age_ms() < 100 and camera_threads() == [f"camera-{cam.name}"]
 
 
 # --- files -----------------------------------------------------------------------------------------
 def test_file_camera_loops_forever(clip: Path, cameras: Callable[..., Camera]) -> None:
-    cam = cameras(str(clip), fps=60)  # 15 frames a loop, 4 loops a second
+    cam = cameras(str(clip), fps=60, fresh_wait_ms=0)  # 15 frames a loop, 4 loops a second
     until(lambda: cam.info()["frames"] > 45)
     info = cam.info()
     assert info["state"] == "streaming" and info["reconnects"] == 0 and 45 <= info["fps"] <= 75
-    assert cam.fresh_frame().age_ms() < 100
+    assert cam.fresh_frame().age_ms() < 100  # fresh_wait_ms=0 still waits for the next grab
 
 
 def test_file_camera_is_paced_and_rotated(clip: Path, cameras: Callable[..., Camera]) -> None:
