@@ -37,7 +37,8 @@ import numpy as np
 from edge_agent.errors import BadRequest, CameraUnavailable, ConfigError, StaleFrame
 from edge_agent.log import get_logger
 from edge_agent.settings import CameraSettings
-from edge_agent.sources import backoff_delay, redact, source_kind, source_problems
+from edge_agent.backoff import backoff_delay
+from edge_agent.sources import redact, source_kind, source_problems
 
 log = get_logger("camera")
 

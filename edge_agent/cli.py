@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--image", action="append", help="attach this image file (repeatable)")
     ask.add_argument("--frames", type=int, help="frames from the one camera, --interval-ms apart")
     ask.add_argument("--interval-ms", type=int, help="time between frames")
+    ask.add_argument("--include-frame", action="store_true", help="return the JPEGs the model saw")
 
     snap = commands.add_parser("snapshot", help="save the current frame of a camera (for set-up)")
     snap.add_argument("--camera", required=True, help="a camera name from the settings")
@@ -121,6 +122,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         request["max_tokens"] = args.max_tokens
     if args.camera:
         request["camera"] = args.camera[0] if len(args.camera) == 1 else args.camera
+    if args.include_frame:
+        request["include_frame"] = True
     for key, value in (("frames", args.frames), ("interval_ms", args.interval_ms)):
         if value is not None:
             request[key] = value

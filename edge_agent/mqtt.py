@@ -7,7 +7,6 @@ exception escaping a paho callback would silently kill the network thread.
 
 from __future__ import annotations
 
-import random
 import socket
 import ssl
 import threading
@@ -22,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.backoff import backoff_delay
 from edge_agent.errors import BrokerError
 from edge_agent.log import get_logger
 from edge_agent.settings import MqttSettings
@@ -39,12 +39,6 @@ class Incoming:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     expiry_s: int | None = None
-
-
-def backoff_delay(attempt: int, low: float, high: float) -> float:
-    """Capped exponential back-off with full jitter in its upper half (never below `low`)."""
-    ceiling = min(high, low * (2 ** min(attempt, 16)))
-    return random.uniform(max(low, ceiling / 2), ceiling)
 
 
 def _new_client(settings: MqttSettings, client_id: str) -> paho.Client:

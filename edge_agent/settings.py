@@ -26,6 +26,7 @@ from edge_agent.errors import ConfigError
 ENV_PREFIX = "EDGE_AGENT_"
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+URL_CREDENTIALS = re.compile(r"(://)[^/@]*@")
 TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROVIDERS = ("auto", "cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
 # Keys holding paths; relative values are taken relative to the config file's folder.
@@ -106,7 +107,7 @@ class CameraSettings(_Strict):
 
 
 class ImageSettings(_Strict):
-    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="encoded size cap of one image")
+    max_image_bytes: int = Field(3 * 1024 * 1024, ge=1024, description="encoded size cap of one image")
     max_image_pixels: int = Field(40_000_000, ge=1024, description="declared width*height cap")
     max_images: int = Field(4, ge=1, le=16, description="images (all sources) in one request")
     longest_side: int = Field(1008, ge=64, le=8192, description="images are downscaled to this")
@@ -115,7 +116,8 @@ class ImageSettings(_Strict):
 
 class LimitsSettings(_Strict):
     queue_size: int = Field(8, ge=1, le=10000, description="requests waiting for the worker")
-    max_payload_bytes: int = Field(65536, ge=512, le=16 * 1024 * 1024, description="request size cap")
+    max_payload_bytes: int = Field(4 * 1024 * 1024, ge=512, le=64 * 1024 * 1024,
+                                   description="request size cap (base64 images count: 4/3 of their bytes)")
     max_prompt_chars: int = Field(16000, ge=1, description="prompt (all messages) length cap")
     max_timeout_s: float = Field(3600.0, gt=0, description="largest timeout_s a request may ask")
 
@@ -217,7 +219,10 @@ def _describe(err: Any, source: Path | None) -> str:
 
 
 def describe_settings(settings: Settings) -> dict[str, Any]:
-    """The effective settings as plain data for `check-config` (no secret is ever held)."""
+    """The effective settings as plain data for `check-config`, camera URL passwords masked
+    (the broker password is never held: only its file's path)."""
     data = settings.model_dump(mode="json")
     data["mqtt"]["client_id"] = settings.client_id
+    for camera in data["cameras"].values():
+        camera["source"] = URL_CREDENTIALS.sub(r"\1***@", str(camera["source"]))
     return data

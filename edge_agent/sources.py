@@ -3,11 +3,10 @@ the back-off between reopens. Pure logic; camera.py opens them."""
 
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 
-from edge_agent.settings import CameraSettings
+from edge_agent.settings import URL_CREDENTIALS, CameraSettings
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtp", "srt", "http", "https", "udp", "tcp")
 
@@ -26,7 +25,7 @@ def source_kind(source: str | int) -> str:
 
 def redact(source: str | int) -> str:
     """The source as it may be logged: without a URL's user name and password."""
-    return re.sub(r"(://)[^/@]*@", r"\1***@", str(source))
+    return URL_CREDENTIALS.sub(r"\1***@", str(source))
 
 
 def source_problems(name: str, settings: CameraSettings, gstreamer: bool) -> list[str]:
@@ -49,8 +48,3 @@ def source_problems(name: str, settings: CameraSettings, gstreamer: bool) -> lis
         problems.append(f"cameras.{name}.reconnect_max_s: must not be below reconnect_min_s")
     return problems
 
-
-def backoff_delay(attempt: int, low: float, high: float) -> float:
-    """Capped exponential back-off, jittered in its upper half (the policy of mqtt.backoff_delay)."""
-    ceiling = min(high, low * (2 ** min(attempt, 16)))
-    return random.uniform(max(low, ceiling / 2), ceiling)

@@ -203,3 +203,11 @@ def test_unreadable_genai_config_exits_78(tmp_path: Path) -> None:
     config.write_text(f'[model]\npath = "{tmp_path}"\n[mqtt]\nport = 1\n')
     result = run_cli("run", "--config", str(config))
     assert result.returncode == 78 and "cannot read" in result.stdout + result.stderr
+
+
+def test_check_config_masks_camera_passwords(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('[cameras.gate]\nsource = "rtsp://admin:hunter2@10.0.0.5/stream1"\n')
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout and "rtsp://***@10.0.0.5/stream1" in result.stdout

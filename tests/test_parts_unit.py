@@ -10,7 +10,7 @@ import structlog
 
 from edge_agent import log
 from edge_agent.health import StatusBoard
-from edge_agent.mqtt import backoff_delay
+from edge_agent.backoff import backoff_delay
 from edge_agent.settings import Settings
 
 
