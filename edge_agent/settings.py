@@ -30,7 +30,7 @@ URL_CREDENTIALS = re.compile(r"(://)[^/@]*@")
 TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROVIDERS = ("auto", "cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
 # Keys holding paths; relative values are taken relative to the config file's folder.
-PATH_KEYS = (("model", "path"), ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"),
+PATH_KEYS = (("model", "path"), ("state_dir",), ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"),
              ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"))
 
 
@@ -66,6 +66,8 @@ class MqttSettings(_Strict):
     tls: TlsSettings | None = Field(None, description="TLS to the broker; absent = plain TCP")
     reply_topic_allow: tuple[str, ...] = Field(
         ("#",), description="topic filters a reply topic must match ('$' topics never allowed)")
+    shared_group: str | None = Field(None, description="also take requests from the MQTT 5 shared "
+                                     "subscription $share/<group>/<prefix>/fleet/request")
     reconnect_min_s: float = Field(1.0, gt=0, le=60, description="first reconnect delay")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="reconnect delay cap")
 
@@ -79,11 +81,20 @@ class MqttSettings(_Strict):
     def _prefix_is_segment(cls, value: str) -> str:
         return _check_segment(value, "topic_prefix")
 
+    @field_validator("shared_group")
+    @classmethod
+    def _group_is_segment(cls, value: str | None) -> str | None:
+        return None if value is None else _check_segment(value, "shared_group")
+
 
 class ModelSettings(_Strict):
     path: Path = Field(Path("/var/lib/edge-agent/models/default"),
                        description="folder holding genai_config.json")
     provider: Literal[PROVIDERS] = Field("auto", description="execution provider")  # type: ignore[valid-type]
+    provider_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="options passed to the chosen provider (e.g. device_id)")
+    fallback: tuple[Literal[PROVIDERS], ...] = Field(  # type: ignore[valid-type]
+        ("cpu",), description="providers tried, in order, when the chosen one fails; empty = strict")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="default and cap of max_tokens")
     warmup: bool = Field(True, description="run one short generation before reporting ready")
 
@@ -133,6 +144,11 @@ class Settings(BaseSettings):
     cameras: dict[str, CameraSettings] = Field(default_factory=dict, description="[cameras.<name>] tables")
     images: ImageSettings = Field(default_factory=ImageSettings)
     shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running request")
+    state_dir: Path = Field(Path("/var/lib/edge-agent"), description="models pulled from the catalog, "
+                            "and later the outbox, live here")
+    stats_interval_s: float = Field(60.0, ge=0, le=86400, description="seconds between stats; 0 = off")
+    reload_debounce_s: float = Field(1.0, ge=0, le=60, description="quiet time after a config edit "
+                                     "before it is applied")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: JSON unless a TTY")
 
