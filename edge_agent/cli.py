@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="print the effective settings or every error")
     check.add_argument("--config", help=config_help)
+    check.add_argument("--explain", action="store_true", help="show which file set each value")
 
     ask = commands.add_parser("ask", help="send one prompt over MQTT and print the answer")
     ask.add_argument("prompt")
@@ -51,25 +52,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(config: str | None) -> Any:
+def _load(config: str | None, with_sources: bool = False) -> Any:
     from edge_agent.errors import ConfigError
     from edge_agent.settings import load_settings
 
     try:
-        settings, _ = load_settings(config)
+        settings, sources = load_settings(config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
-        return None
-    return settings
+        return (None, None) if with_sources else None
+    return (settings, sources) if with_sources else settings
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from edge_agent.camera import validate_cameras
     from edge_agent.errors import ConfigError
-    from edge_agent.settings import config_path, describe_settings
+    from edge_agent.settings import describe_settings, explain_settings
 
-    settings = _load(args.config)
+    settings, sources = _load(args.config, with_sources=True)
     if settings is None:
         return EXIT_CONFIG
     try:
@@ -78,8 +79,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    path, _ = config_path(args.config)
-    print(f"# settings from {path if path.exists() else 'defaults'} and EDGE_AGENT_* environment")
+    if args.explain:
+        rows = explain_settings(settings, sources)
+        width = max(len(key) for key, _, _ in rows)
+        for key, value, origin in rows:
+            print(f"{key:<{width}}  {json.dumps(value):<30}  # {origin}")
+        return 0
+    files = ", ".join(str(f) for f in sources.files) or "defaults"
+    print(f"# settings from {files} and EDGE_AGENT_* environment")
     print(json.dumps(describe_settings(settings), indent=2))
     return 0
 

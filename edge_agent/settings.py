@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,28 +211,91 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             table[keys[-1]] = str(value if value.is_absolute() else base / value)
 
 
-def load_settings(explicit: str | Path | None = None) -> tuple[Settings, Path | None]:
-    """Build the settings snapshot; returns it with the file it came from (None: defaults)."""
+@dataclass(frozen=True)
+class ConfigSources:
+    """Where a snapshot came from: the files read, in order, and which one set each key."""
+
+    main: Path | None
+    files: tuple[Path, ...] = ()
+    origins: dict[str, str] = field(default_factory=dict)  # dotted key -> file or env var
+
+    def origin(self, key: str) -> str:
+        env_name = ENV_PREFIX + key.replace(".", "__").upper()
+        if env_name in os.environ:
+            return f"environment {env_name}"
+        return self.origins.get(key, "default")
+
+
+def dropin_files(main: Path) -> list[Path]:
+    """`conf.d/*.toml` beside the main file, in name order; dot-files and other names ignored."""
+    folder = main.parent / "conf.d"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix == ".toml" and not p.name.startswith(".") and p.is_file())
+
+
+def _merge(into: dict[str, Any], layer: dict[str, Any], source: str, origins: dict[str, str],
+           prefix: str = "") -> None:
+    """Deep merge: tables merge key by key, anything else is replaced by the later file."""
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if not isinstance(into.get(key), dict):
+                into[key] = {}
+            _merge(into[key], value, source, origins, dotted + ".")
+        else:
+            into[key] = value
+            origins[dotted] = source
+
+
+def load_settings(explicit: str | Path | None = None) -> tuple[Settings, ConfigSources]:
+    """Build the settings snapshot: main file, then its conf.d/*.toml, then the environment."""
     path, asked = config_path(explicit)
     data: dict[str, Any] = {}
-    source: Path | None = None
+    origins: dict[str, str] = {}
+    files: list[Path] = []
     if path.exists() or asked:
-        data = read_toml(path)
-        source = path
+        files = [path, *dropin_files(path)]
+    problems: list[str] = []
+    for file in files:
+        try:
+            _merge(data, read_toml(file), str(file), origins)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    sources = ConfigSources(path if files else None, tuple(files), origins)
     try:
-        return Settings(**data), source
+        return Settings(**data), sources
     except ValidationError as exc:
-        raise ConfigError([_describe(err, source) for err in exc.errors()]) from exc
+        raise ConfigError([_describe(err, sources) for err in exc.errors()]) from exc
 
 
-def _describe(err: Any, source: Path | None) -> str:
-    loc = [str(part) for part in err["loc"]]
-    key = ".".join(loc)
-    env_name = ENV_PREFIX + "__".join(loc).upper()
-    where = f"environment {env_name}" if env_name in os.environ else str(source or "defaults")
+def _describe(err: Any, sources: ConfigSources) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    where = sources.origin(key)
+    if where == "default":  # e.g. a required key nobody set
+        where = str(sources.main or "defaults")
     reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
     shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r:.80})"
     return f"{where}: {key}: {reason}{shown}"
+
+
+def explain_settings(settings: Settings, sources: ConfigSources) -> list[tuple[str, Any, str]]:
+    """(dotted key, effective value, where it was set) for every leaf setting."""
+    rows: list[tuple[str, Any, str]] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            key = prefix.rstrip(".")
+            rows.append((key, node, sources.origin(key)))
+
+    walk(describe_settings(settings), "")
+    return rows
 
 
 def describe_settings(settings: Settings) -> dict[str, Any]:
