@@ -18,7 +18,8 @@ from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
 from edge_agent.protocol import (RequestError, RequestLimits, Topics, choose_reply_topic,
                                  error_payload, parse_request)
-from edge_agent.camera import CameraSet, validate_cameras
+from edge_agent.camera import validate_cameras
+from edge_agent.cameras import CameraSet
 from edge_agent.scheduler import Scheduler
 from edge_agent.vision import ImageGatherer
 from edge_agent.settings import Settings

@@ -366,34 +366,3 @@ class Camera:
 
 
 # --- the configured cameras ------------------------------------------------------------------
-class CameraSet:
-    """The cameras of the settings, by name; requests can only name these."""
-
-    def __init__(self, cameras: Mapping[str, CameraSettings]) -> None:
-        validate_cameras(cameras)
-        self._cameras = {name: Camera(name, cam) for name, cam in cameras.items()}
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._cameras)
-
-    def get(self, name: str) -> Camera:
-        camera = self._cameras.get(name) if isinstance(name, str) else None
-        if camera is None:
-            raise BadRequest(f"unknown camera {name!r}")
-        return camera
-
-    def start_all(self) -> None:
-        for camera in self._cameras.values():
-            camera.start()
-
-    def stop_all(self) -> None:
-        """Signal every camera first, then wait: hung reads overlap instead of adding up."""
-        cameras = list(reversed(self._cameras.values()))
-        for camera in cameras:
-            camera.signal_stop()
-        for camera in cameras:
-            camera.join()
-
-    def info(self) -> dict[str, dict[str, Any]]:
-        return {name: camera.info() for name, camera in self._cameras.items()}

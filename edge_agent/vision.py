@@ -7,7 +7,8 @@ import base64
 from datetime import datetime, timezone
 from typing import Any
 
-from edge_agent.camera import CameraSet, Frame
+from edge_agent.camera import Frame
+from edge_agent.cameras import CameraSet
 from edge_agent.images import decode_base64_image, encode_frame, sanitize
 from edge_agent.protocol import Request
 from edge_agent.settings import ImageSettings

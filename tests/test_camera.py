@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from edge_agent.camera import Camera, CameraSet, has_gstreamer, validate_cameras
+from edge_agent.camera import Camera, has_gstreamer, validate_cameras
+from edge_agent.cameras import CameraSet
 from edge_agent.errors import BadRequest, CameraUnavailable, ConfigError, StaleFrame
 from edge_agent.settings import CameraSettings, Settings
 from edge_agent.sources import redact, source_kind

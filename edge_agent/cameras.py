@@ -1,0 +1,58 @@
+"""The configured cameras, by name: requests can only name these, never a path or device."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from edge_agent.camera import Camera, validate_cameras
+from edge_agent.errors import BadRequest
+from edge_agent.log import get_logger
+from edge_agent.settings import CameraSettings
+
+log = get_logger("camera")
+
+
+class CameraSet:
+    """The cameras of the settings, by name; requests can only name these."""
+
+    def __init__(self, cameras: Mapping[str, CameraSettings]) -> None:
+        validate_cameras(cameras)
+        self._cameras: dict[str, Camera] = {name: Camera(name, cam) for name, cam in cameras.items()}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._cameras)
+
+    def get(self, name: str) -> Camera:
+        camera = self._cameras.get(name) if isinstance(name, str) else None
+        if camera is None:
+            raise BadRequest(f"unknown camera {name!r}")
+        return camera
+
+    def start_all(self) -> None:
+        for camera in self._cameras.values():
+            camera.start()
+
+    def stop_all(self) -> None:
+        """Signal every camera first, then wait: hung reads overlap instead of adding up."""
+        cameras = list(reversed(self._cameras.values()))
+        for camera in cameras:
+            camera.signal_stop()
+        for camera in cameras:
+            camera.join()
+
+    def info(self) -> dict[str, dict[str, Any]]:
+        return {name: camera.info() for name, camera in self._cameras.items()}
+
+    def reconfigure(self, cameras: Mapping[str, CameraSettings]) -> None:
+        """Reopen only what changed: removed and changed cameras stop, new and changed start."""
+        validate_cameras(cameras)
+        stale = [n for n, cam in self._cameras.items() if cameras.get(n) != cam.settings]
+        for name in stale:
+            self._cameras.pop(name).stop()
+        for name, settings in cameras.items():
+            if name not in self._cameras:
+                camera = Camera(name, settings)
+                camera.start()
+                self._cameras = {**self._cameras, name: camera}  # readers see old or new dict
+        log.info("cameras.reconfigured", stopped=stale, running=sorted(self._cameras))
