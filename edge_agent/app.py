@@ -1,54 +1,54 @@
-"""Wires the parts. Start order lives in `Agent.start`, shutdown in reverse in `Agent.stop`."""
+"""Wires the parts. Start order lives in `Agent.start`, shutdown in reverse in `Agent.stop`,
+and a new settings snapshot is applied by `Agent.apply` (only what changed restarts)."""
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
-from collections import Counter
-from types import FrameType
 
 import structlog
 
-from edge_agent.errors import AgentError, BrokerError, ConfigError, ErrorCode, ModelLoadError, Unavailable
+from edge_agent import log as logging_setup
+from edge_agent.errors import AgentError, ErrorCode, Unavailable
 from edge_agent.handler import Job, RequestHandler
 from edge_agent.inference import GenerationParams, OrtGenaiEngine
 from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
-from edge_agent.protocol import (RequestError, RequestLimits, Topics, choose_reply_topic,
+from edge_agent.protocol import (RequestError, RequestLimits, Topics, choose_reply_topic, encode,
                                  error_payload, parse_request)
-from edge_agent.camera import validate_cameras
 from edge_agent.cameras import CameraSet
+from edge_agent.reload import CAMERAS, LOGGING, MODEL, MQTT, changed_parts
 from edge_agent.scheduler import Scheduler
-from edge_agent.vision import ImageGatherer
 from edge_agent.settings import Settings
+from edge_agent.stats import Stats
+from edge_agent.vision import ImageGatherer
 
 log = get_logger("app")
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
 BUSY_RETRY_AFTER_MS = 1000
-HEALTH_CHECK_S = 1.0
 STATUS_REFRESH_S = 30.0
+# The MQTT network thread loops every 0.2 s; a connect attempt may block up to paho's 5 s
+# connect timeout plus name resolution. Silent longer than this (plus the reconnect back-off
+# while disconnected) means it is wedged, and the systemd watchdog pings stop.
+MQTT_LOOP_STALE_S = 10.0
 
 
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics(settings.mqtt.topic_prefix, settings.device_id)
-        self.limits = RequestLimits(settings.limits.max_payload_bytes, settings.limits.max_prompt_chars,
-                                    settings.model.max_new_tokens, settings.limits.max_timeout_s,
-                                    settings.images.max_images, frozenset(settings.cameras))
+        self.limits = request_limits(settings)
         self.cameras = CameraSet(settings.cameras)
         self.status = StatusBoard(settings.device_id)
-        self.outcomes: Counter[str] = Counter()
-        self.engine = OrtGenaiEngine(settings.model.path, settings.model.provider)
+        self.stats = Stats()
+        self.engine = make_engine(settings)
+        self.handler: RequestHandler | None = None
         self.scheduler: Scheduler | None = None
-        self.link = BrokerLink(settings.mqtt, settings.client_id, request_topic=self.topics.request,
-                               will_topic=self.topics.status, will_payload=self.status.offline_payload(),
-                               on_message=self._on_message, on_connected=self._publish_status)
+        self.link = self._new_link(settings, self.topics)
         self._stopping = threading.Event()
         self._camera_states: dict[str, str] = {}
         self._status_at = 0.0
+        self._stats_at = time.monotonic()
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -58,12 +58,9 @@ class Agent:
         self.cameras.start_all()
         self.engine.load()
         self._set_status("starting", model=self.engine.name, provider=self.engine.provider)
-        if self.settings.model.warmup:
-            warm = self.engine.warm_up()
-            log.info("model.warmed_up", ms=round(warm.generate_ms, 1))
-        handler = RequestHandler(self.engine, GenerationParams, self.settings.model.max_new_tokens,
-                                 ImageGatherer(self.cameras, self.settings.images))
-        self.scheduler = Scheduler(self.settings.limits.queue_size, lambda job: self._process(handler, job))
+        self._warm_up(self.engine, self.settings)
+        self.handler = self._new_handler()
+        self.scheduler = Scheduler(self.settings.limits.queue_size, self._process)
         self.scheduler.start()
         self.link.accept_requests(True)
         self._set_status("ready", cameras=self.cameras.info())
@@ -83,13 +80,70 @@ class Agent:
         if not self.link.publish_and_wait(self.topics.status, offline, retain=True):
             log.warning("status.offline_not_acknowledged")
         self.link.stop()
-        log.info("agent.stopped", outcomes=dict(self.outcomes))
+        log.info("agent.stopped", outcomes=self.stats.requests.outcomes())
+
+    def apply(self, new: Settings) -> set[str]:
+        """Swap in a validated snapshot, restarting only what changed. What can fail (a new
+        broker link's set-up, loading a new model) happens before anything is swapped, so a
+        failure leaves the running agent untouched."""
+        parts = changed_parts(self.settings, new)
+        topics = Topics(new.mqtt.topic_prefix, new.device_id)
+        link = self._new_link(new, topics) if MQTT in parts else None
+        engine = None
+        if MODEL in parts:
+            engine = make_engine(new)
+            engine.load()  # requests keep running on the old model meanwhile
+            self._warm_up(engine, new)
+        old_settings, self.settings, self.limits = self.settings, new, request_limits(new)
+        if engine is not None:
+            self.engine = engine
+            self.status.set(self.status.state, model=engine.name, provider=engine.provider)
+        self.handler = self._new_handler()  # the running job finishes on the handler it has
+        if self.scheduler is not None:
+            self.scheduler.resize(new.limits.queue_size)
+        if CAMERAS in parts:
+            self.cameras.reconfigure(new.cameras)
+        if LOGGING in parts:
+            logging_setup.configure(new.log_level, new.log_format)
+        if link is not None:
+            self._swap_link(link, topics, old_settings)
+        return parts
+
+    def _swap_link(self, link: BrokerLink, topics: Topics, old: Settings) -> None:
+        old_link, old_topics = self.link, self.topics
+        old_link.accept_requests(False)
+        if topics.status != old_topics.status:
+            self.status.set(self.status.state)
+            old_link.publish_and_wait(old_topics.status, self.status.offline_payload(), retain=True)
+        self.link, self.topics = link, topics
+        link.start()
+        link.accept_requests(not self._stopping.is_set())
+        old_link.stop()
+        log.info("mqtt.switched", old=link_host(old), new=link_host(self.settings))
+
+    def report_config_error(self, problems: list[str] | None) -> None:
+        """Shown in the retained status until a good file arrives."""
+        self._set_status(self.status.state, config_error=problems)
 
     def report_degraded(self, error: str) -> None:
         self._set_status("degraded", error=error)
 
     def healthy(self) -> bool:
         return self.link.loop_alive() and (self.scheduler is None or self.scheduler.alive())
+
+    def serving(self) -> bool:
+        """Model loaded and warmed up, worker running, subscribed, broker connected: what
+        READY=1 tells systemd."""
+        return self.status.state == "ready" and self.link.connected
+
+    def making_progress(self, now: float | None = None) -> bool:
+        """What a systemd watchdog ping vouches for: the MQTT network thread looped lately and
+        the inference worker is idle and beating, or within its current job's budget."""
+        now = time.monotonic() if now is None else now
+        stale_s = MQTT_LOOP_STALE_S + (0.0 if self.link.connected else self.settings.mqtt.reconnect_max_s)
+        if not self.link.loop_alive() or now - self.link.last_loop_at > stale_s:
+            return False
+        return self.scheduler is None or self.scheduler.progressing(self.settings.limits.max_timeout_s, now)
 
     # --- requests (network thread: parse, validate, enqueue; never generate) ----------------
     def _on_message(self, incoming: Incoming) -> None:
@@ -102,11 +156,12 @@ class Agent:
                                   incoming.correlation_data)
             return
         with structlog.contextvars.bound_contextvars(request_id=request.id):
+            default = self._default_reply_topic(incoming)
             try:
                 topic = choose_reply_topic(incoming.response_topic, request.reply_to,
-                                           self.topics.response, self.settings.mqtt.reply_topic_allow)
+                                           default, self.settings.mqtt.reply_topic_allow)
             except AgentError as exc:
-                self._reply_error(self.topics.response, request.id, exc, incoming.correlation_data)
+                self._reply_error(default, request.id, exc, incoming.correlation_data)
                 return
             if self._stopping.is_set() or self.scheduler is None:
                 self._reply_error(topic, request.id, Unavailable("the agent is stopping"),
@@ -121,30 +176,58 @@ class Agent:
                 return
             log.info("request.accepted", queue_depth=self.scheduler.depth, reply_topic=topic)
 
+    def _default_reply_topic(self, incoming: Incoming) -> str:
+        """A fleet request (shared subscription) is answered on the fleet's response topic."""
+        if incoming.topic == self.topics.fleet_request:
+            return self.topics.fleet_response
+        return self.topics.response
+
     def _error_topic(self, incoming: Incoming) -> str:
         """Where the error for an unreadable request goes: its response topic if usable."""
+        default = self._default_reply_topic(incoming)
         try:
-            return choose_reply_topic(incoming.response_topic, None, self.topics.response,
+            return choose_reply_topic(incoming.response_topic, None, default,
                                       self.settings.mqtt.reply_topic_allow)
         except AgentError:
-            return self.topics.response
+            return default
 
     @staticmethod
     def _deadline(received: float, timeout_s: float | None, expiry_s: int | None) -> float | None:
         limits = [v for v in (timeout_s, expiry_s) if v is not None]
         return received + min(limits) if limits else None
 
-    def _process(self, handler: RequestHandler, job: Job) -> None:
-        payload, outcome = handler.handle(job)
-        self.outcomes[outcome] += 1
+    def _process(self, job: Job) -> None:
+        assert self.handler is not None
+        payload, outcome = self.handler.handle(job)
+        latency_ms = (time.monotonic() - job.received_at) * 1000 if outcome == "ok" else None
+        self.stats.requests.count(outcome, latency_ms)
         self.link.publish(job.reply_topic, payload, correlation_data=job.correlation_data)
 
     def _reply_error(self, topic: str, request_id: str | None, exc: AgentError,
                      correlation_data: bytes | None, **extra: object) -> None:
-        self.outcomes[exc.code.value] += 1
+        self.stats.requests.count(exc.code.value)
         log.info("request.rejected", code=exc.code.value, reason=exc.message)
         self.link.publish(topic, error_payload(request_id, exc.code, exc.message, **extra),
                           correlation_data=correlation_data)
+
+    # --- parts -------------------------------------------------------------------------------
+    def _new_link(self, settings: Settings, topics: Topics) -> BrokerLink:
+        return BrokerLink(settings.mqtt, settings.client_id, request_topic=topics.request,
+                          will_topic=topics.status, will_payload=self.status.offline_payload(),
+                          on_message=self._on_message, on_connected=self._publish_status,
+                          shared_topic=topics.shared_fleet_request(settings.mqtt.shared_group)
+                          if settings.mqtt.shared_group else None)
+
+    def _new_handler(self) -> RequestHandler:
+        return RequestHandler(self.engine, GenerationParams, self.settings.model.max_new_tokens,
+                              ImageGatherer(self.cameras, self.settings.images),
+                              on_generated=lambda result: self.stats.requests.decoded(result.tokens_per_s))
+
+    @staticmethod
+    def _warm_up(engine: OrtGenaiEngine, settings: Settings) -> None:
+        if settings.model.warmup:
+            warm = engine.warm_up()
+            log.info("model.warmed_up", model=engine.name, ms=round(warm.generate_ms, 1))
 
     # --- status ----------------------------------------------------------------------------
     def _set_status(self, state: str, **fields: object) -> None:
@@ -164,47 +247,29 @@ class Agent:
         self._status_at = time.monotonic()
         self.link.publish(self.topics.status, self.status.payload(), retain=True)
 
+    def publish_stats(self, force: bool = False) -> None:
+        """Every `stats_interval_s` (0: never). QoS 0, not retained: a missed one is
+        replaced by the next, and none pile up in paho's queue while the broker is away."""
+        interval, now = self.settings.stats_interval_s, time.monotonic()
+        if not force and (interval <= 0 or now - self._stats_at < interval):
+            return
+        self._stats_at = now
+        doc = self.stats.document(
+            device_id=self.settings.device_id, cameras=self.cameras.info(),
+            queue_depth=self.scheduler.depth if self.scheduler else 0,
+            busy_rejected=self.scheduler.rejected if self.scheduler else 0)
+        self.link.publish(self.topics.stats, encode(doc), qos=0)
 
-def check_model_folder(settings: Settings) -> None:
-    if not (settings.model.path / "genai_config.json").is_file():
-        raise ConfigError([f"model.path: {settings.model.path} is not a model folder "
-                           "(no genai_config.json)"])
+
+def request_limits(settings: Settings) -> RequestLimits:
+    return RequestLimits(settings.limits.max_payload_bytes, settings.limits.max_prompt_chars,
+                         settings.model.max_new_tokens, settings.limits.max_timeout_s,
+                         settings.images.max_images, frozenset(settings.cameras))
 
 
-def run(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
-    check_model_folder(settings)
-    validate_cameras(settings)
-    stop_requested = threading.Event()
+def make_engine(settings: Settings) -> OrtGenaiEngine:
+    return OrtGenaiEngine(settings.model.path, settings.model.provider)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop_requested.set()
-        if signum == signal.SIGINT:  # a second Ctrl-C forces exit
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        agent = Agent(settings)
-    except (BrokerError, ModelLoadError) as exc:
-        log.error("agent.config_error", error=str(exc))
-        return EXIT_CONFIG
-    code = EXIT_OK
-    try:
-        agent.start()
-        while not stop_requested.wait(HEALTH_CHECK_S):
-            agent.refresh_status()
-            if not agent.healthy():
-                log.error("agent.unhealthy", mqtt_loop=agent.link.loop_alive())
-                code = EXIT_FAILURE
-                break
-    except ModelLoadError as exc:
-        log.error("model.load_failed", error=str(exc))
-        agent.report_degraded(str(exc))
-        code = EXIT_FAILURE
-    except Exception as exc:  # noqa: BLE001 - say so on the status topic before exiting
-        log.exception("agent.start_failed")
-        agent.report_degraded(f"{type(exc).__name__}: {exc}")
-        code = EXIT_FAILURE
-    agent.stop()
-    return code
+def link_host(settings: Settings) -> str:
+    return f"{settings.mqtt.host}:{settings.mqtt.port}"

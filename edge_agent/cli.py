@@ -93,15 +93,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent import log
-    from edge_agent.app import run
+    from edge_agent.daemon import run
     from edge_agent.errors import ConfigError
 
-    settings = _load(args.config)
+    settings, sources = _load(args.config, with_sources=True)
     if settings is None:
         return EXIT_CONFIG
     log.configure(settings.log_level, settings.log_format)
     try:
-        return run(settings)
+        return run(settings, sources)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from edge_agent.errors import AgentError, ErrorCode, Timeout, Unsupported
 from edge_agent.log import get_logger
@@ -44,11 +44,13 @@ class RequestHandler:
     """Turns a job into the payload of its answer; every failure becomes an error payload."""
 
     def __init__(self, engine: Engine, make_params: Any, max_new_tokens: int,
-                 gatherer: Gatherer | None = None) -> None:
+                 gatherer: Gatherer | None = None,
+                 on_generated: Callable[[Any], None] | None = None) -> None:
         self._engine = engine
         self._make_params = make_params  # GenerationParams constructor, kept out of this module
         self._max_new_tokens = max_new_tokens
         self._gatherer = gatherer
+        self._on_generated = on_generated  # sees each engine result (stats: decode speed)
 
     def handle(self, job: Job) -> tuple[bytes, str]:
         """Returns (payload, outcome) where outcome is "ok" or an error code."""
@@ -70,6 +72,8 @@ class RequestHandler:
             return error_payload(request.id, ErrorCode.INTERNAL,
                                  f"internal error: {type(exc).__name__}"), ErrorCode.INTERNAL.value
         finished = time.monotonic()
+        if self._on_generated is not None:
+            self._on_generated(result)
         log.info("request.done", finish_reason=result.finish_reason,
                  prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                  ms=round((finished - job.received_at) * 1000, 1))

@@ -7,6 +7,7 @@ exception escaping a paho callback would silently kill the network thread.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -28,6 +29,9 @@ from edge_agent.settings import MqttSettings
 
 log = get_logger("mqtt")
 LOOP_TIMEOUT_S = 0.2
+# systemd's LoadCredential= puts secrets in $CREDENTIALS_DIRECTORY under these names.
+PASSWORD_CREDENTIAL = "mqtt-password"
+TLS_KEY_CREDENTIAL = "mqtt-tls-key"
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,15 @@ def _new_client(settings: MqttSettings, client_id: str) -> paho.Client:
                          clean_session=None if v5 else True, reconnect_on_failure=False)
     client.on_socket_open = _no_delay
     if settings.username:
-        client.username_pw_set(settings.username, _read_password(settings.password_file))
+        client.username_pw_set(settings.username,
+                               _read_password(settings.password_file or _credential(PASSWORD_CREDENTIAL)))
     if settings.tls is not None:
+        key_file = settings.tls.key_file
+        if key_file is None and settings.tls.cert_file is not None:
+            key_file = _credential(TLS_KEY_CREDENTIAL)
         try:
             client.tls_set(ca_certs=_opt(settings.tls.ca_file), certfile=_opt(settings.tls.cert_file),
-                           keyfile=_opt(settings.tls.key_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+                           keyfile=_opt(key_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
         except (OSError, ssl.SSLError) as exc:
             raise BrokerError(f"cannot set up TLS: {exc}") from exc
     return client
@@ -71,13 +79,25 @@ def _opt(path: Path | None) -> str | None:
     return str(path) if path else None
 
 
+def _credential(name: str) -> Path | None:
+    """A secret systemd handed over with LoadCredential=, if this process got one by that name."""
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return None
+    path = Path(folder) / name
+    try:  # blank: the unit's SetCredential= placeholder, standing in for a file not installed
+        return path if path.read_bytes().strip() else None
+    except OSError:
+        return None
+
+
 def _read_password(path: Path | None) -> str | None:
     if path is None:
         return None
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
-        raise BrokerError(f"cannot read mqtt.password_file {path}: {exc.strerror or exc}") from exc
+        raise BrokerError(f"cannot read the MQTT password from {path}: {exc.strerror or exc}") from exc
 
 
 def _incoming(message: paho.MQTTMessage) -> Incoming:
@@ -89,13 +109,18 @@ def _incoming(message: paho.MQTTMessage) -> Incoming:
 
 
 class BrokerLink:
-    """The daemon's connection: status will, request subscription, QoS 1 publishing."""
+    """The daemon's connection: status will, request subscriptions, QoS 1 publishing.
+
+    `shared_topic` (a `$share/<group>/...` filter) is subscribed and dropped together with
+    the request topic: the broker hands each message on it to one member of the group."""
 
     def __init__(self, settings: MqttSettings, client_id: str, *, request_topic: str,
                  will_topic: str, will_payload: bytes, on_message: Callable[[Incoming], None],
-                 on_connected: Callable[[], None]) -> None:
+                 on_connected: Callable[[], None], shared_topic: str | None = None) -> None:
         self._settings = settings
-        self._request_topic = request_topic
+        self._request_topics = [t for t in (request_topic, shared_topic) if t]
+        self._shared_topic = shared_topic
+        self._subscribe_mid: int | None = None
         self._on_message = on_message
         self._on_connected = on_connected
         self._v5 = settings.protocol == "5"
@@ -104,6 +129,7 @@ class BrokerLink:
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
+        self._client.on_subscribe = self._handle_subscribe
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._closing = threading.Event()  # disconnect asked: keep looping, never reconnect
@@ -139,23 +165,27 @@ class BrokerLink:
 
     # --- requests ----------------------------------------------------------------------
     def accept_requests(self, accept: bool) -> None:
-        """Subscribe (now and after every reconnect) or unsubscribe the request topic."""
+        """Subscribe (now and after every reconnect) or unsubscribe the request topics."""
         self._subscribed = accept
         if not self._connected.is_set():
             return
         if accept:
-            self._client.subscribe(self._request_topic, qos=1)
+            self._subscribe(self._client)
         else:
-            self._client.unsubscribe(self._request_topic)
+            self._client.unsubscribe(self._request_topics)
+
+    def _subscribe(self, client: paho.Client) -> None:
+        _, self._subscribe_mid = client.subscribe([(topic, 1) for topic in self._request_topics])
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
-                correlation_data: bytes | None = None) -> paho.MQTTMessageInfo:
-        """QoS 1 publish; paho queues it while disconnected and sends it after reconnect."""
+                correlation_data: bytes | None = None, qos: int = 1) -> paho.MQTTMessageInfo:
+        """QoS 1 (default): paho queues it while disconnected and sends it after reconnect.
+        QoS 0 is dropped while disconnected: for data that is stale by the time we are back."""
         props = None
         if self._v5 and correlation_data is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation_data
-        return self._client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def publish_and_wait(self, topic: str, payload: bytes, *, retain: bool = False,
                          timeout: float = 5.0) -> bool:
@@ -205,12 +235,28 @@ class BrokerLink:
                 return
             self._connected.set()
             log.info("mqtt.connected", host=self._settings.host, port=self._settings.port,
-                     protocol=self._settings.protocol)
+                     protocol=self._settings.protocol, tls=self._settings.tls is not None)
+            if self._shared_topic and getattr(properties, "SharedSubscriptionAvailable", 1) == 0:
+                log.error("mqtt.shared_unavailable", topic=self._shared_topic,
+                          reason="the broker says it has no shared subscriptions")
             if self._subscribed:
-                client.subscribe(self._request_topic, qos=1)
+                self._subscribe(client)
             self._on_connected()
         except Exception:  # noqa: BLE001 - must never escape into paho's thread
             log.exception("mqtt.on_connect_failed")
+
+    def _handle_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
+                          properties: Any) -> None:
+        try:
+            if mid != self._subscribe_mid:
+                return
+            for topic, reason in zip(self._request_topics, reasons):
+                if reason.is_failure:  # e.g. an ACL, or a broker without shared subscriptions
+                    log.error("mqtt.subscribe_refused", topic=topic, reason=str(reason))
+                else:
+                    log.info("mqtt.subscribed", topic=topic)
+        except Exception:  # noqa: BLE001 - must never escape into paho's thread
+            log.exception("mqtt.on_subscribe_failed")
 
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                            properties: Any) -> None:
@@ -234,11 +280,15 @@ def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[
     reply_topic = f"{request_topic.rsplit('/', 1)[0]}/ask/{uuid.uuid4().hex}"
     client = _new_client(settings, f"edge-agent-ask-{uuid.uuid4().hex[:12]}")
     answer: list[bytes] = []
+    refused: list[str] = []
     got = threading.Event()
     subscribed = threading.Event()
 
     def on_connect(c: paho.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
-        if not reason.is_failure:
+        if reason.is_failure:  # wrong password, not authorized: say so instead of timing out
+            refused.append(str(reason))
+            subscribed.set()
+        else:
             c.subscribe(reply_topic, qos=1)
 
     def on_message(c: paho.Client, u: Any, message: paho.MQTTMessage) -> None:
@@ -259,6 +309,9 @@ def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[
     try:
         if not subscribed.wait(max(0.1, deadline - time.monotonic())):
             return None
+        if refused:
+            raise BrokerError(f"the broker at {settings.host}:{settings.port} refused the "
+                              f"connection: {refused[0]}")
         if settings.protocol == "5":
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = reply_topic

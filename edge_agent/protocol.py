@@ -52,6 +52,23 @@ class Topics:
     def status(self) -> str:
         return f"{self.base}/status"
 
+    @property
+    def stats(self) -> str:
+        return f"{self.base}/stats"
+
+    @property
+    def fleet_request(self) -> str:
+        """Requests any agent of a shared group may take (`mqtt.shared_group`)."""
+        return f"{self.prefix}/fleet/request"
+
+    @property
+    def fleet_response(self) -> str:
+        return f"{self.prefix}/fleet/response"
+
+    def shared_fleet_request(self, group: str) -> str:
+        """The shared subscription: the broker hands each fleet request to one group member."""
+        return f"$share/{group}/{self.fleet_request}"
+
 
 @dataclass(frozen=True)
 class RequestLimits:

@@ -156,6 +156,8 @@ class Settings(BaseSettings):
     @field_validator("device_id")
     @classmethod
     def _device_is_segment(cls, value: str) -> str:
+        if value == "fleet":  # <prefix>/fleet/request is the shared fleet topic
+            raise ValueError("device_id 'fleet' is reserved for the fleet topics")
         return _check_segment(value, "device_id")
 
     @field_validator("cameras")

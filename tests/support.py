@@ -22,6 +22,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from certs import Pki, make_pki
+
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
 ANSWER_TIMEOUT_S = 30.0
@@ -40,31 +42,58 @@ def build_model(name: str) -> Path:
 
 
 class Broker:
-    """A private mosquitto on a free loopback port; restartable on the same port."""
+    """A private mosquitto on a free loopback port; restartable on the same port.
 
-    def __init__(self, persistence: bool = False) -> None:
+    `tls`: a second listener on `tls_port` with certificates made now (`pki`);
+    `require_certificate`: that listener wants a client certificate (mutual TLS);
+    `users`: name → password, and anonymous clients are refused on every listener."""
+
+    def __init__(self, persistence: bool = False, *, tls: bool = False,
+                 require_certificate: bool = False, users: dict[str, str] | None = None) -> None:
         self.port = free_port()
         # mosquitto run as root drops to its own user: the folder must be readable/writable by it.
         self.dir = Path(tempfile.mkdtemp(prefix="mosq-"))
         self.dir.chmod(0o777)
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true"]
+        lines = [f"listener {self.port} 127.0.0.1", "set_tcp_nodelay true",
+                 f"allow_anonymous {'false' if users else 'true'}"]
         if persistence:
             lines += ["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
+        if users:
+            lines.append(f"password_file {self._password_file(users)}")
+        self.tls_port: int | None = None
+        self.pki: Pki | None = None
+        if tls:
+            pki_dir = self.dir / "pki"
+            pki_dir.mkdir(mode=0o755)
+            self.pki, self.tls_port = make_pki(pki_dir), free_port()
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {self.pki.ca_cert}",
+                      f"certfile {self.pki.server_cert}", f"keyfile {self.pki.server_key}",
+                      f"require_certificate {'true' if require_certificate else 'false'}"]
         (self.dir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _password_file(self, users: dict[str, str]) -> Path:
+        path = self.dir / "passwords"
+        for name, password in users.items():
+            subprocess.run(["mosquitto_passwd", *(["-c"] if not path.exists() else []), "-b",
+                            str(path), name, password], check=True, capture_output=True)
+        path.chmod(0o644)
+        return path
 
     def start(self) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.proc = subprocess.Popen([exe, "-c", str(self.dir / "mosquitto.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start")
+        for port in (self.port, self.tls_port):
+            while port is not None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("mosquitto did not start") from None
+                    time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:
@@ -79,12 +108,18 @@ class Broker:
 class Client:
     """A user's pipeline: publishes requests and collects every message on its topics."""
 
-    def __init__(self, port: int, protocol: str = "5") -> None:
+    def __init__(self, port: int, protocol: str = "5", *, ca_file: Path | None = None,
+                 cert: tuple[Path, Path] | None = None, user: tuple[str, str] | None = None) -> None:
         self.v5 = protocol == "5"
         self.messages: queue.Queue[tuple[str, bytes, Any]] = queue.Queue()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:10]}",
                                   protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311)
         self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload), m.properties))
+        if ca_file is not None:
+            self.client.tls_set(ca_certs=str(ca_file), certfile=str(cert[0]) if cert else None,
+                                keyfile=str(cert[1]) if cert else None)
+        if user is not None:
+            self.client.username_pw_set(*user)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 

@@ -6,12 +6,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import onnxruntime_genai as og
 
 from edge_agent.errors import ModelLoadError, Timeout, TooLarge, Unsupported
-from edge_agent.inference.providers import apply_provider, configured_providers
+from edge_agent.inference.providers import Attempt, choose_and_load, configured_providers
 from edge_agent.log import get_logger
 
 log = get_logger("inference")
@@ -71,9 +71,12 @@ def read_genai_config(folder: Path) -> dict[str, Any]:
 class OrtGenaiEngine:
     """One loaded model. Not thread-safe: the single inference worker owns it."""
 
-    def __init__(self, folder: Path, provider: str) -> None:
+    def __init__(self, folder: Path, provider: str = "auto", fallback: Sequence[str] = ("cpu",),
+                 provider_options: Mapping[str, object] | None = None) -> None:
         self.folder = folder
         self.requested_provider = provider
+        self.fallback = tuple(fallback)
+        self.provider_options = dict(provider_options or {})
         genai_config = read_genai_config(folder)
         model_section = genai_config.get("model", {})
         self.context_length = int(model_section.get("context_length", 0)) or None
@@ -84,14 +87,17 @@ class OrtGenaiEngine:
         self.supports_images = model_section.get("type") == "phi3v" or "vision" in model_section
         self._processor: Any = None
         self.provider, self.provider_reason = "", ""
+        self.provider_attempts: tuple[Attempt, ...] = ()
         self._model: Any = None
         self._tokenizer: Any = None
         self._folder_providers = configured_providers(genai_config)
 
     def load(self) -> None:
         started = time.monotonic()
-        self._model, self.provider, self.provider_reason = apply_provider(
-            self.folder, self.requested_provider, self._folder_providers)
+        choice = choose_and_load(self.folder, self.requested_provider, self.fallback,
+                                 self._folder_providers, self.provider_options)
+        self._model, self.provider, self.provider_reason = choice.model, choice.provider, choice.reason
+        self.provider_attempts = choice.attempts
         try:
             self._tokenizer = og.Tokenizer(self._model)
             if self.supports_images:
