@@ -11,6 +11,7 @@ import structlog
 from edge_agent import log as logging_setup
 from edge_agent.errors import AgentError, ErrorCode, Unavailable
 from edge_agent.handler import Job, RequestHandler
+from edge_agent.catalog import is_catalog_name, resolve_model_path
 from edge_agent.inference import GenerationParams, OrtGenaiEngine
 from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
@@ -57,7 +58,8 @@ class Agent:
         self.link.start()
         self.cameras.start_all()
         self.engine.load()
-        self._set_status("starting", model=self.engine.name, provider=self.engine.provider)
+        self._set_status("starting", model=self.engine.name, provider=self.engine.provider,
+                         provider_reason=self.engine.provider_reason)
         self._warm_up(self.engine, self.settings)
         self.handler = self._new_handler()
         self.scheduler = Scheduler(self.settings.limits.queue_size, self._process)
@@ -97,7 +99,8 @@ class Agent:
         old_settings, self.settings, self.limits = self.settings, new, request_limits(new)
         if engine is not None:
             self.engine = engine
-            self.status.set(self.status.state, model=engine.name, provider=engine.provider)
+            self.status.set(self.status.state, model=engine.name, provider=engine.provider,
+                            provider_reason=engine.provider_reason)
         self.handler = self._new_handler()  # the running job finishes on the handler it has
         if self.scheduler is not None:
             self.scheduler.resize(new.limits.queue_size)
@@ -110,15 +113,15 @@ class Agent:
         return parts
 
     def _swap_link(self, link: BrokerLink, topics: Topics, old: Settings) -> None:
+        """Leave the old broker (saying offline there) before joining the new one: with the
+        same client id on the same broker the two links would take the session from each other."""
         old_link, old_topics = self.link, self.topics
         old_link.accept_requests(False)
-        if topics.status != old_topics.status:
-            self.status.set(self.status.state)
-            old_link.publish_and_wait(old_topics.status, self.status.offline_payload(), retain=True)
+        old_link.publish_and_wait(old_topics.status, self.status.offline_payload(), retain=True)
+        old_link.stop()
         self.link, self.topics = link, topics
         link.start()
         link.accept_requests(not self._stopping.is_set())
-        old_link.stop()
         log.info("mqtt.switched", old=link_host(old), new=link_host(self.settings))
 
     def report_config_error(self, problems: list[str] | None) -> None:
@@ -268,7 +271,11 @@ def request_limits(settings: Settings) -> RequestLimits:
 
 
 def make_engine(settings: Settings) -> OrtGenaiEngine:
-    return OrtGenaiEngine(settings.model.path, settings.model.provider)
+    model = settings.model
+    engine = OrtGenaiEngine(resolve_model_path(settings), model.provider, model.fallback, model.provider_options)
+    if is_catalog_name(str(model.path)):
+        engine.name = str(model.path)  # answers say "phi-3.5-mini-instruct", not the variant folder
+    return engine
 
 
 def link_host(settings: Settings) -> str:

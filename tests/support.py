@@ -173,6 +173,7 @@ class AgentProcess:
 
     def __init__(self, workdir: Path, broker_port: int, model: Path, **overrides: Any) -> None:
         self.device_id = overrides.pop("device_id", f"dev-{uuid.uuid4().hex[:8]}")
+        self.env: dict[str, str] = overrides.pop("env", {})  # extra environment of the process
         self.prefix = "edge-agent"
         self.config = workdir / f"{self.device_id}.toml"
         self.log_path = workdir / f"{self.device_id}.log"
@@ -181,13 +182,8 @@ class AgentProcess:
             "mqtt": {"port": broker_port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
             "model": {"path": str(model), "max_new_tokens": 64},
         }
-        for key, value in overrides.items():  # "section__name" sets a key inside a table
-            section, _, name = key.partition("__")
-            if name:
-                config.setdefault(section, {})[name] = value
-            else:
-                config[key] = value
-        self.config.write_text(to_toml(config))
+        self.data = apply_overrides(config, overrides)
+        self.config.write_text(to_toml(self.data))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -204,7 +200,7 @@ class AgentProcess:
 
     def start(self, watcher: Client, wait_ready: bool = True) -> None:
         watcher.subscribe(self.status_topic)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
                                      stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=env)
         if wait_ready:
@@ -217,6 +213,13 @@ class AgentProcess:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
+    def rewrite(self, **overrides: Any) -> None:
+        """Change the settings file the way config managers do: write a temp file, rename it."""
+        self.data = apply_overrides(self.data, overrides)
+        temp = self.config.with_name(f".{self.config.name}.tmp")
+        temp.write_text(to_toml(self.data))
+        os.replace(temp, self.config)
+
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []
         for line in self.log_path.read_text().splitlines():
@@ -225,6 +228,18 @@ class AgentProcess:
             except ValueError:
                 continue
         return lines
+
+
+def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy with `section__name=value` set inside a table and `name=value` at the top."""
+    result = json.loads(json.dumps(config))
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            result.setdefault(section, {})[name] = value
+        else:
+            result[key] = value
+    return result
 
 
 def to_toml(data: dict[str, Any], table: str = "") -> str:
