@@ -1,0 +1,145 @@
+"""What must survive a crash or power cut, in one SQLite file in the state directory:
+the outbox (answers the broker has not acknowledged yet) and the ids of recent requests with
+their answers (so a redelivered or re-sent request is answered again, never run twice).
+
+One connection, guarded by a lock: the MQTT network thread and the inference worker both
+write. WAL mode with synchronous=NORMAL keeps a committed row across a process crash; a power
+cut may lose the last transaction, which costs at most a re-run, never a doubled answer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.log import get_logger
+
+log = get_logger("store")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL, payload BLOB NOT NULL, correlation BLOB,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (
+    request_id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    topic TEXT, payload BLOB, correlation BLOB
+);
+"""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    row: int
+    topic: str
+    payload: bytes
+    correlation: bytes | None
+
+
+@dataclass(frozen=True)
+class SeenAnswer:
+    topic: str
+    payload: bytes
+    correlation: bytes | None
+
+
+class Store:
+    def __init__(self, path: Path, *, outbox_max_items: int, outbox_max_age_s: float,
+                 dedup_window_s: float, clock=time.time) -> None:  # noqa: ANN001 - tests pass a fake clock
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.outbox_max_items = outbox_max_items
+        self.outbox_max_age_s = outbox_max_age_s
+        self.dedup_window_s = dedup_window_s
+        self.dropped = 0  # outbox entries dropped by the bounds since start
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- outbox --------------------------------------------------------------------------
+    def put(self, topic: str, payload: bytes, correlation: bytes | None) -> int:
+        """Store an answer before it is published; bounded: oldest dropped first, counted."""
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO outbox (topic, payload, correlation, created) VALUES (?, ?, ?, ?)",
+                (topic, payload, correlation, self._clock()))
+            self._enforce_bounds()
+            return int(cursor.lastrowid or 0)
+
+    def done(self, row: int) -> None:
+        """The broker acknowledged it (PUBACK)."""
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (row,))
+
+    def pending(self) -> list[Outgoing]:
+        """Unacknowledged answers, oldest first (after expiring what is too old)."""
+        with self._lock:
+            self._enforce_bounds()
+            rows = self._db.execute(
+                "SELECT id, topic, payload, correlation FROM outbox ORDER BY id").fetchall()
+        return [Outgoing(r[0], r[1], bytes(r[2]), None if r[3] is None else bytes(r[3])) for r in rows]
+
+    def outbox_size(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def _enforce_bounds(self) -> None:
+        old = self._db.execute("DELETE FROM outbox WHERE created < ?",
+                               (self._clock() - self.outbox_max_age_s,)).rowcount
+        over = self._db.execute(
+            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id DESC LIMIT -1 OFFSET ?)",
+            (self.outbox_max_items,)).rowcount
+        if old or over:
+            self.dropped += old + over
+            log.warning("outbox.dropped", too_old=old, over_limit=over, dropped_total=self.dropped)
+
+    # --- de-duplication ---------------------------------------------------------------------
+    def first_sight(self, request_id: str) -> bool | SeenAnswer:
+        """True: new, now recorded as in progress. False: seen, still in progress (its answer
+        will come). SeenAnswer: answered before, within the window: publish that again."""
+        now = self._clock()
+        with self._lock:
+            self._db.execute("DELETE FROM seen WHERE created < ?", (now - self.dedup_window_s,))
+            row = self._db.execute("SELECT topic, payload, correlation FROM seen WHERE request_id = ?",
+                                   (request_id,)).fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO seen (request_id, created) VALUES (?, ?)", (request_id, now))
+                return True
+        if row[1] is None:
+            return False
+        return SeenAnswer(row[0], bytes(row[1]), None if row[2] is None else bytes(row[2]))
+
+    def answered(self, request_id: str, topic: str, payload: bytes, correlation: bytes | None) -> int:
+        """Record the answer and put it in the outbox, in one transaction; returns the outbox row."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT INTO seen (request_id, created, topic, payload, correlation) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(request_id) DO UPDATE SET topic = excluded.topic, "
+                    "payload = excluded.payload, correlation = excluded.correlation",
+                    (request_id, self._clock(), topic, payload, correlation))
+                cursor = self._db.execute(
+                    "INSERT INTO outbox (topic, payload, correlation, created) VALUES (?, ?, ?, ?)",
+                    (topic, payload, correlation, self._clock()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._enforce_bounds()
+            return int(cursor.lastrowid or 0)
+
+    def forget(self, request_id: str) -> None:
+        """A request that was refused before running (busy, stopping): a re-send may run."""
+        with self._lock:
+            self._db.execute("DELETE FROM seen WHERE request_id = ? AND payload IS NULL", (request_id,))

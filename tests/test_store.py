@@ -1,0 +1,69 @@
+"""The on-disk outbox and de-duplication store (real SQLite files, a fake clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_agent.store import SeenAnswer, Store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_store(path: Path, clock: Clock, **bounds: float) -> Store:
+    settings = {"outbox_max_items": 100, "outbox_max_age_s": 3600, "dedup_window_s": 600, **bounds}
+    return Store(path / "state.db", clock=clock, **settings)  # type: ignore[arg-type]
+
+
+def test_outbox_survives_reopen_in_order(tmp_path: Path) -> None:
+    clock = Clock()
+    store = open_store(tmp_path, clock)
+    first = store.put("a/1", b"one", b"c1")
+    store.put("a/2", b"two", None)
+    store.done(first)
+    store.close()
+    again = open_store(tmp_path, clock)
+    assert [(o.topic, o.payload, o.correlation) for o in again.pending()] == [("a/2", b"two", None)]
+
+
+def test_outbox_drops_oldest_beyond_its_bounds_and_counts(tmp_path: Path) -> None:
+    clock = Clock()
+    store = open_store(tmp_path, clock, outbox_max_items=3, outbox_max_age_s=60)
+    for n in range(5):
+        store.put("t", str(n).encode(), None)
+    assert [o.payload for o in store.pending()] == [b"2", b"3", b"4"] and store.dropped == 2
+    clock.now += 61
+    assert store.pending() == [] and store.dropped == 5
+
+
+def test_dedup_new_in_progress_answered_and_window(tmp_path: Path) -> None:
+    clock = Clock()
+    store = open_store(tmp_path, clock, dedup_window_s=100)
+    assert store.first_sight("q1") is True
+    assert store.first_sight("q1") is False  # running: its answer will come
+    row = store.answered("q1", "replies", b"answer", b"corr")
+    assert store.pending()[0].row == row
+    assert store.first_sight("q1") == SeenAnswer("replies", b"answer", b"corr")
+    clock.now += 101
+    assert store.first_sight("q1") is True  # outside the window: a new request
+
+
+def test_refused_request_may_be_sent_again(tmp_path: Path) -> None:
+    store = open_store(tmp_path, Clock())
+    assert store.first_sight("busy-1") is True
+    store.forget("busy-1")
+    assert store.first_sight("busy-1") is True
+
+
+def test_dedup_survives_reopen(tmp_path: Path) -> None:
+    clock = Clock()
+    store = open_store(tmp_path, clock)
+    store.first_sight("q9")
+    store.answered("q9", "t", b"a", None)
+    store.close()
+    assert isinstance(open_store(tmp_path, clock).first_sight("q9"), SeenAnswer)
