@@ -224,7 +224,7 @@ class Agent:
     def _new_handler(self) -> RequestHandler:
         return RequestHandler(self.engine, GenerationParams, self.settings.model.max_new_tokens,
                               ImageGatherer(self.cameras, self.settings.images),
-                              on_generated=lambda result: self.stats.requests.decoded(result.tokens_per_s))
+                              on_generated=lambda done: self.stats.requests.decoded(done.tokens_per_s))
 
     @staticmethod
     def _warm_up(engine: OrtGenaiEngine, settings: Settings) -> None:
@@ -250,17 +250,21 @@ class Agent:
         self._status_at = time.monotonic()
         self.link.publish(self.topics.status, self.status.payload(), retain=True)
 
-    def publish_stats(self, force: bool = False) -> None:
+    def publish_stats(self) -> None:
         """Every `stats_interval_s` (0: never). QoS 0, not retained: a missed one is
         replaced by the next, and none pile up in paho's queue while the broker is away."""
         interval, now = self.settings.stats_interval_s, time.monotonic()
-        if not force and (interval <= 0 or now - self._stats_at < interval):
+        if interval <= 0 or now - self._stats_at < interval:
             return
         self._stats_at = now
-        doc = self.stats.document(
-            device_id=self.settings.device_id, cameras=self.cameras.info(),
-            queue_depth=self.scheduler.depth if self.scheduler else 0,
-            busy_rejected=self.scheduler.rejected if self.scheduler else 0)
+        try:
+            doc = self.stats.document(
+                device_id=self.settings.device_id, cameras=self.cameras.info(),
+                queue_depth=self.scheduler.depth if self.scheduler else 0,
+                busy_rejected=self.scheduler.rejected if self.scheduler else 0)
+        except Exception:  # noqa: BLE001 - stats must never take the daemon down
+            log.exception("stats.failed")
+            return
         self.link.publish(self.topics.stats, encode(doc), qos=0)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__
+from edge_agent.cli_models import HANDLERS as MODEL_HANDLERS, add_parsers as add_model_commands
 
 EXIT_ANSWERED, EXIT_ERROR_ANSWER, EXIT_NO_ANSWER, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     snap.add_argument("--config", help=config_help)
     ask.add_argument("--json", action="store_true", help="print the whole answer as JSON")
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    add_model_commands(commands, config_help)  # providers, models list|pull|verify
     return parser
 
 
@@ -198,5 +200,6 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "check-config": cmd_check_config, "ask": cmd_ask, "snapshot": cmd_snapshot}
+    handlers = {"run": cmd_run, "check-config": cmd_check_config, "ask": cmd_ask, "snapshot": cmd_snapshot,
+                **MODEL_HANDLERS}
     return handlers[args.command](args)

@@ -10,6 +10,7 @@ from types import FrameType
 
 from edge_agent.app import Agent
 from edge_agent.camera import validate_cameras
+from edge_agent.catalog import resolve_model_path
 from edge_agent.errors import BrokerError, ConfigError, ModelLoadError
 from edge_agent.health import SystemdNotifier, SystemdService
 from edge_agent.log import get_logger
@@ -22,8 +23,9 @@ HEALTH_CHECK_S = 1.0
 
 
 def check_model_folder(settings: Settings) -> None:
-    if not (settings.model.path / "genai_config.json").is_file():
-        raise ConfigError([f"model.path: {settings.model.path} is not a model folder "
+    folder = resolve_model_path(settings)  # a catalog name becomes its pulled folder
+    if not (folder / "genai_config.json").is_file():
+        raise ConfigError([f"model.path: {folder} is not a model folder "
                            "(no genai_config.json)"])
 
 

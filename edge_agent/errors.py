@@ -85,3 +85,7 @@ class ModelLoadError(Exception):
 
 class BrokerError(Exception):
     """The MQTT broker could not be reached or refused us."""
+
+
+class CatalogError(Exception):
+    """The model catalog could not be read, or a model could not be pulled from it."""

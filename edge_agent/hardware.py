@@ -56,7 +56,8 @@ class Hardware:
     def describe(self) -> list[str]:
         lines = [f"CPU: {self.cpu_model or 'unknown'} ({self.cpu_vendor}, {self.machine})"]
         if self.memory_total_mb:
-            lines.append(f"memory: {self.memory_total_mb} MB total, {self.memory_available_mb or '?'} MB available")
+            lines.append(f"memory: {self.memory_total_mb} MB total, "
+                         f"{self.memory_available_mb or '?'} MB available")
         if self.is_jetson:
             lines.append(f"Jetson: {self.jetson_model or 'unknown model'}"
                          + (f", L4T {self.l4t_release}" if self.l4t_release else ""))

@@ -120,7 +120,6 @@ class BrokerLink:
         self._settings = settings
         self._request_topics = [t for t in (request_topic, shared_topic) if t]
         self._shared_topic = shared_topic
-        self._subscribe_mid: int | None = None
         self._on_message = on_message
         self._on_connected = on_connected
         self._v5 = settings.protocol == "5"
@@ -130,6 +129,8 @@ class BrokerLink:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_subscribe = self._handle_subscribe
+        self._client.on_log = self._handle_log
+        self._last_error: str | None = None  # paho's last error text: the why of a lost link
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._closing = threading.Event()  # disconnect asked: keep looping, never reconnect
@@ -175,7 +176,7 @@ class BrokerLink:
             self._client.unsubscribe(self._request_topics)
 
     def _subscribe(self, client: paho.Client) -> None:
-        _, self._subscribe_mid = client.subscribe([(topic, 1) for topic in self._request_topics])
+        client.subscribe([(topic, 1) for topic in self._request_topics])
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                 correlation_data: bytes | None = None, qos: int = 1) -> paho.MQTTMessageInfo:
@@ -205,14 +206,13 @@ class BrokerLink:
             if self._client.socket() is None:
                 if self._closing.is_set():
                     break
-                try:
-                    self._client.reconnect()
-                except (OSError, ssl.SSLError, ValueError) as exc:
+                failure = self._connect()
+                if failure is not None:
                     delay = backoff_delay(attempt, self._settings.reconnect_min_s,
                                           self._settings.reconnect_max_s)
                     attempt += 1
                     log.warning("mqtt.connect_failed", host=self._settings.host,
-                                port=self._settings.port, error=str(exc), retry_in_s=round(delay, 2))
+                                port=self._settings.port, error=failure, retry_in_s=round(delay, 2))
                     self._stopping.wait(delay)
                     continue
             rc = self._client.loop(timeout=LOOP_TIMEOUT_S)
@@ -224,8 +224,21 @@ class BrokerLink:
                 break
             delay = backoff_delay(attempt, self._settings.reconnect_min_s, self._settings.reconnect_max_s)
             attempt += 1
-            log.warning("mqtt.connection_lost", rc=paho.error_string(rc), retry_in_s=round(delay, 2))
+            error, self._last_error = self._last_error, None
+            log.warning("mqtt.connection_lost", rc=paho.error_string(rc), error=error,
+                        retry_in_s=round(delay, 2))
             self._stopping.wait(delay)
+
+    def _connect(self) -> str | None:
+        """Open the connection and send CONNECT; None, or why that failed."""
+        self._last_error = None
+        try:
+            rc = self._client.reconnect()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            return str(exc)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:  # closed at once: e.g. a TLS alert met the CONNECT
+            return self._last_error or paho.error_string(rc)
+        return None
 
     def _handle_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                         properties: Any) -> None:
@@ -247,9 +260,7 @@ class BrokerLink:
 
     def _handle_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
                           properties: Any) -> None:
-        try:
-            if mid != self._subscribe_mid:
-                return
+        try:  # this link's only SUBSCRIBE is the request topics, in this order
             for topic, reason in zip(self._request_topics, reasons):
                 if reason.is_failure:  # e.g. an ACL, or a broker without shared subscriptions
                     log.error("mqtt.subscribe_refused", topic=topic, reason=str(reason))
@@ -257,6 +268,12 @@ class BrokerLink:
                     log.info("mqtt.subscribed", topic=topic)
         except Exception:  # noqa: BLE001 - must never escape into paho's thread
             log.exception("mqtt.on_subscribe_failed")
+
+    def _handle_log(self, client: paho.Client, userdata: Any, level: int, text: str) -> None:
+        # A TLS alert after the handshake (mutual TLS refused, certificate revoked) reaches
+        # us only as paho's log line "failed to receive on socket: [SSL: ...]".
+        if level == paho.MQTT_LOG_ERR:
+            self._last_error = text
 
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                            properties: Any) -> None:

@@ -22,6 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # JetPack 6 ships Python 3.10
     import tomli as tomllib
 
+from edge_agent.catalog import is_catalog_name
 from edge_agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
@@ -90,7 +91,8 @@ class MqttSettings(_Strict):
 
 class ModelSettings(_Strict):
     path: Path = Field(Path("/var/lib/edge-agent/models/default"),
-                       description="folder holding genai_config.json")
+                       description="folder holding genai_config.json, or a catalog model name "
+                       "(`edge-agent models list`) pulled under state_dir/models")
     provider: Literal[PROVIDERS] = Field("auto", description="execution provider")  # type: ignore[valid-type]
     provider_options: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="options passed to the chosen provider (e.g. device_id)")
@@ -209,6 +211,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         for key in keys[:-1]:
             table = table.get(key) if isinstance(table, dict) else None
         if isinstance(table, dict) and isinstance(table.get(keys[-1]), str):
+            if keys == ("model", "path") and is_catalog_name(table["path"]):
+                continue  # a catalog name, resolved under state_dir by catalog.resolve_model_path
             value = Path(table[keys[-1]]).expanduser()
             table[keys[-1]] = str(value if value.is_absolute() else base / value)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what edge-agent's demo and tests need on a fresh Debian/Ubuntu machine:
-# system packages (mosquitto, ffmpeg, python venv), a venv in .venv, the package and its extras.
+# system packages (mosquitto, ffmpeg, systemd-analyze, python venv), a venv in .venv, the package and its extras.
 # Idempotent: each step is skipped when already done. Sourced by demo.sh and test.sh.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,6 +11,8 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
+# systemd-analyze checks the unit (verify, security score); the package does not boot anything.
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -28,7 +30,7 @@ stamp="$VENV/.edge-agent-installed"
 if [ ! -f "$stamp" ] || [ "$REPO/pyproject.toml" -nt "$stamp" ]; then
     echo "setup: installing edge-agent into $VENV" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" >&2 || true
-    "$VENV/bin/python" -m pip install -q -e "$REPO[test,models]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+    "$VENV/bin/python" -m pip install -q -e "$REPO[test,models,hub]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
     "$VENV/bin/python" -c "import edge_agent, onnxruntime_genai, paho.mqtt, pytest" 
     touch "$stamp"
 fi

@@ -64,7 +64,7 @@ def test_missing_folder_is_a_load_error(tmp_path: Path) -> None:
                                              ("openvino", "OpenVINO")])
 def test_unavailable_provider_names_the_fix(tiny_model: Path, provider: str, words: str) -> None:
     with pytest.raises(ModelLoadError) as info:
-        OrtGenaiEngine(tiny_model, provider).load()
+        OrtGenaiEngine(tiny_model, provider, fallback=()).load()
     assert f"provider {provider!r}" in str(info.value) and words in str(info.value)
 
 

@@ -180,9 +180,21 @@ def test_run_without_a_model_folder_exits_78(tmp_path: Path) -> None:
     assert result.returncode == 78 and "no genai_config.json" in result.stderr
 
 
+def test_unavailable_provider_falls_back_and_says_why(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent(broker, client, wait_ready=False, model__provider="cuda")  # fallback ["cpu"]
+    ready = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d["state"] == "ready", 30)
+    assert ready["provider"] == "cpu"
+    assert ready["provider_reason"].startswith("configured: cuda failed (Cuda interface not available")
+    assert ready["provider_reason"].endswith("fell back to cpu")
+    loaded = next(line for line in agent.log_lines() if line["event"] == "model.loaded")
+    assert loaded["provider"] == "cpu" and loaded["reason"] == ready["provider_reason"]
+    assert agent.stop() == 0
+
+
 def test_unavailable_provider_fails_with_a_clear_message(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
-    agent = start_agent(broker, client, wait_ready=False, model__provider="cuda")
+    agent = start_agent(broker, client, wait_ready=False, model__provider="cuda", model__fallback=[])
     assert agent.proc is not None and agent.proc.wait(30) == 1
     failure = next(line for line in agent.log_lines() if line["event"] == "model.load_failed")
     assert "provider 'cuda'" in failure["error"] and "onnxruntime-genai-cuda" in failure["error"]

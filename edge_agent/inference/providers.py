@@ -25,15 +25,16 @@ log = get_logger("inference")
 OG_PROVIDER_NAMES = {"cuda": "cuda", "NvTensorRtRtx": "NvTensorRtRtx", "openvino": "OpenVINO",
                      "qnn": "QNN", "dml": "dml"}
 ACCELERATORS = tuple(OG_PROVIDER_NAMES)
-CUDA_PIP = "pip install onnxruntime-genai-cuda"
+CUDA_PIP = "pip uninstall onnxruntime-genai && pip install onnxruntime-genai-cuda"
 INSTALL_HINTS = {
+    # Both wheels install the same `onnxruntime_genai` module: replace, do not add.
     "cuda": f"{CUDA_PIP} (NVIDIA GPU; on a Jetson see the README's Jetson section)",
     # On Linux ORT GenAI reaches NvTensorRtRtx through its CUDA library (measured: the CPU build
     # answers "Cuda interface not available" for it).
     "NvTensorRtRtx": f"{CUDA_PIP} and an ONNX Runtime with the NvTensorRtRtx provider (NVIDIA RTX)",
-    "dml": "pip install onnxruntime-genai-directml (Windows only)",
-    "openvino": "an ONNX Runtime GenAI build with the OpenVINO provider (the PyPI wheels have none)",
-    "qnn": "an ONNX Runtime GenAI build with the QNN provider (Qualcomm; the PyPI wheels have none)",
+    "dml": "pip uninstall onnxruntime-genai && pip install onnxruntime-genai-directml (Windows only)",
+    "openvino": "an ONNX Runtime GenAI build with the OpenVINO provider (the PyPI CPU wheel has none)",
+    "qnn": "an ONNX Runtime GenAI build with the QNN provider (Qualcomm; the PyPI CPU wheel has none)",
 }
 ERROR_CHARS = 200
 
