@@ -157,9 +157,9 @@ class SystemdService:
     def tick(self, serving: bool, status: str | None = None) -> None:
         """`serving`: model loaded and warmed up, worker running, broker connected."""
         if serving and not self.ready_sent:
+            log.info("systemd.ready", notify=self._notifier.enabled)  # logged first: READY is the fact
             self._notifier.ready(status)
             self.ready_sent = True
-            log.info("systemd.ready", notify=self._notifier.enabled)
         self._ping_if_due()
 
     def _ping_if_due(self) -> None:
