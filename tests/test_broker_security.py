@@ -180,7 +180,7 @@ def test_wrong_password_is_refused_retried_and_never_logged(
 
 
 def test_blank_or_missing_credentials_count_as_absent(tmp_path: Path, monkeypatch: Any) -> None:
-    from edge_agent.mqtt import _credential
+    from edge_agent.mqtt.client import _credential
 
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     assert _credential("mqtt-password") is None

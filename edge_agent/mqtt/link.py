@@ -1,111 +1,26 @@
-"""The only module that imports paho: the broker link of the daemon and the `ask` client.
-
-The link runs its own network thread: connect, keep alive, reconnect with capped jittered
-back-off, resubscribe after every reconnect. Callbacks only translate and hand over; an
-exception escaping a paho callback would silently kill the network thread.
-"""
+"""The daemon's broker link. It runs its own network thread: connect, keep alive, reconnect
+with capped jittered back-off, resubscribe after every reconnect. Callbacks only translate and
+hand over; an exception escaping a paho callback would silently kill the network thread."""
 
 from __future__ import annotations
 
-import os
-import socket
 import ssl
 import threading
 import time
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.backoff import backoff_delay
-from edge_agent.errors import BrokerError
 from edge_agent.log import get_logger
+from edge_agent.mqtt.client import Incoming, incoming, new_client
 from edge_agent.settings import MqttSettings
 
 log = get_logger("mqtt")
 LOOP_TIMEOUT_S = 0.2
-# systemd's LoadCredential= puts secrets in $CREDENTIALS_DIRECTORY under these names.
-PASSWORD_CREDENTIAL = "mqtt-password"
-TLS_KEY_CREDENTIAL = "mqtt-tls-key"
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """A received message, free of paho types."""
-
-    topic: str
-    payload: bytes
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    expiry_s: int | None = None
-
-
-def _new_client(settings: MqttSettings, client_id: str) -> paho.Client:
-    v5 = settings.protocol == "5"
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-                         clean_session=None if v5 else True, reconnect_on_failure=False)
-    client.on_socket_open = _no_delay
-    if settings.username:
-        client.username_pw_set(settings.username,
-                               _read_password(settings.password_file or _credential(PASSWORD_CREDENTIAL)))
-    if settings.tls is not None:
-        key_file = settings.tls.key_file
-        if key_file is None and settings.tls.cert_file is not None:
-            key_file = _credential(TLS_KEY_CREDENTIAL)
-        try:
-            client.tls_set(ca_certs=_opt(settings.tls.ca_file), certfile=_opt(settings.tls.cert_file),
-                           keyfile=_opt(key_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        except (OSError, ssl.SSLError) as exc:
-            raise BrokerError(f"cannot set up TLS: {exc}") from exc
-    return client
-
-
-def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
-    """Turn Nagle off: an answer is one small packet, and Nagle can hold it up to 40 ms
-    waiting for the ACK of the previous one (measured in bench/RESULTS.md)."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):  # not a TCP socket (unix/websocket transports)
-        pass
-
-
-def _opt(path: Path | None) -> str | None:
-    return str(path) if path else None
-
-
-def _credential(name: str) -> Path | None:
-    """A secret systemd handed over with LoadCredential=, if this process got one by that name."""
-    folder = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not folder:
-        return None
-    path = Path(folder) / name
-    try:  # blank: the unit's SetCredential= placeholder, standing in for a file not installed
-        return path if path.read_bytes().strip() else None
-    except OSError:
-        return None
-
-
-def _read_password(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise BrokerError(f"cannot read the MQTT password from {path}: {exc.strerror or exc}") from exc
-
-
-def _incoming(message: paho.MQTTMessage) -> Incoming:
-    props = getattr(message, "properties", None)
-    response_topic = getattr(props, "ResponseTopic", None) if props else None
-    correlation = getattr(props, "CorrelationData", None) if props else None
-    expiry = getattr(props, "MessageExpiryInterval", None) if props else None
-    return Incoming(message.topic, bytes(message.payload), response_topic, correlation, expiry)
 
 
 class BrokerLink:
@@ -123,7 +38,7 @@ class BrokerLink:
         self._on_message = on_message
         self._on_connected = on_connected
         self._v5 = settings.protocol == "5"
-        self._client = _new_client(settings, client_id)
+        self._client = new_client(settings, client_id)
         self._client.will_set(will_topic, will_payload, qos=1, retain=True)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
@@ -282,63 +197,8 @@ class BrokerLink:
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
-            self._on_message(_incoming(message))
+            self._on_message(incoming(message))
         except Exception:  # noqa: BLE001 - must never escape into paho's thread
             log.exception("mqtt.on_message_failed", topic=message.topic)
 
-
-def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[[str | None], bytes],
-             timeout_s: float) -> bytes | None:
-    """Publish one request and wait for its answer; None: no answer in time.
-
-    MQTT 5 uses the Response Topic and Correlation Data properties; 3.1.1 has neither, so
-    `make_payload` gets the private reply topic to put in the request's `reply_to`."""
-    correlation = uuid.uuid4().bytes
-    reply_topic = f"{request_topic.rsplit('/', 1)[0]}/ask/{uuid.uuid4().hex}"
-    client = _new_client(settings, f"edge-agent-ask-{uuid.uuid4().hex[:12]}")
-    answer: list[bytes] = []
-    refused: list[str] = []
-    got = threading.Event()
-    subscribed = threading.Event()
-
-    def on_connect(c: paho.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
-        if reason.is_failure:  # wrong password, not authorized: say so instead of timing out
-            refused.append(str(reason))
-            subscribed.set()
-        else:
-            c.subscribe(reply_topic, qos=1)
-
-    def on_message(c: paho.Client, u: Any, message: paho.MQTTMessage) -> None:
-        data = _incoming(message)
-        if data.correlation_data in (None, correlation):
-            answer.append(data.payload)
-            got.set()
-
-    client.on_connect = on_connect
-    client.on_subscribe = lambda *args: subscribed.set()
-    client.on_message = on_message
-    deadline = time.monotonic() + timeout_s
-    try:
-        client.connect(settings.host, settings.port, settings.keepalive)
-    except (OSError, ssl.SSLError) as exc:
-        raise BrokerError(f"cannot connect to {settings.host}:{settings.port}: {exc}") from exc
-    client.loop_start()
-    try:
-        if not subscribed.wait(max(0.1, deadline - time.monotonic())):
-            return None
-        if refused:
-            raise BrokerError(f"the broker at {settings.host}:{settings.port} refused the "
-                              f"connection: {refused[0]}")
-        if settings.protocol == "5":
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = reply_topic
-            props.CorrelationData = correlation
-            client.publish(request_topic, make_payload(None), qos=1, properties=props)
-        else:
-            client.publish(request_topic, make_payload(reply_topic), qos=1)
-        got.wait(max(0.0, deadline - time.monotonic()))
-        return answer[0] if answer else None
-    finally:
-        client.disconnect()
-        client.loop_stop()
 

@@ -1,0 +1,74 @@
+"""`edge-agent ask`: one request, one answer, as a user's pipeline would do it."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_agent.errors import BrokerError
+from edge_agent.mqtt.client import incoming, new_client
+from edge_agent.settings import MqttSettings
+
+
+def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[[str | None], bytes],
+             timeout_s: float) -> bytes | None:
+    """Publish one request and wait for its answer; None: no answer in time.
+
+    MQTT 5 uses the Response Topic and Correlation Data properties; 3.1.1 has neither, so
+    `make_payload` gets the private reply topic to put in the request's `reply_to`."""
+    correlation = uuid.uuid4().bytes
+    reply_topic = f"{request_topic.rsplit('/', 1)[0]}/ask/{uuid.uuid4().hex}"
+    client = new_client(settings, f"edge-agent-ask-{uuid.uuid4().hex[:12]}")
+    answer: list[bytes] = []
+    refused: list[str] = []
+    got = threading.Event()
+    subscribed = threading.Event()
+
+    def on_connect(c: paho.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        if reason.is_failure:  # wrong password, not authorized: say so instead of timing out
+            refused.append(str(reason))
+            subscribed.set()
+        else:
+            c.subscribe(reply_topic, qos=1)
+
+    def on_message(c: paho.Client, u: Any, message: paho.MQTTMessage) -> None:
+        data = incoming(message)
+        if data.correlation_data in (None, correlation):
+            answer.append(data.payload)
+            got.set()
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.on_message = on_message
+    deadline = time.monotonic() + timeout_s
+    try:
+        client.connect(settings.host, settings.port, settings.keepalive)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerError(f"cannot connect to {settings.host}:{settings.port}: {exc}") from exc
+    client.loop_start()
+    try:
+        if not subscribed.wait(max(0.1, deadline - time.monotonic())):
+            return None
+        if refused:
+            raise BrokerError(f"the broker at {settings.host}:{settings.port} refused the "
+                              f"connection: {refused[0]}")
+        if settings.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = reply_topic
+            props.CorrelationData = correlation
+            client.publish(request_topic, make_payload(None), qos=1, properties=props)
+        else:
+            client.publish(request_topic, make_payload(reply_topic), qos=1)
+        got.wait(max(0.0, deadline - time.monotonic()))
+        return answer[0] if answer else None
+    finally:
+        client.disconnect()
+        client.loop_stop()
+

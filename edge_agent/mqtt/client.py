@@ -1,0 +1,97 @@
+"""Client set-up shared by the daemon's link and `edge-agent ask`: protocol, credentials
+(files or systemd credentials), TLS, TCP_NODELAY. The mqtt package is the only one importing paho."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from edge_agent.errors import BrokerError
+from edge_agent.settings import MqttSettings
+
+# systemd's LoadCredential= puts secrets in $CREDENTIALS_DIRECTORY under these names.
+PASSWORD_CREDENTIAL = "mqtt-password"
+TLS_KEY_CREDENTIAL = "mqtt-tls-key"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A received message, free of paho types."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    expiry_s: int | None = None
+
+
+def new_client(settings: MqttSettings, client_id: str) -> paho.Client:
+    v5 = settings.protocol == "5"
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+                         clean_session=None if v5 else True, reconnect_on_failure=False)
+    client.on_socket_open = _no_delay
+    if settings.username:
+        client.username_pw_set(settings.username,
+                               _read_password(settings.password_file or _credential(PASSWORD_CREDENTIAL)))
+    if settings.tls is not None:
+        key_file = settings.tls.key_file
+        if key_file is None and settings.tls.cert_file is not None:
+            key_file = _credential(TLS_KEY_CREDENTIAL)
+        try:
+            client.tls_set(ca_certs=_opt(settings.tls.ca_file), certfile=_opt(settings.tls.cert_file),
+                           keyfile=_opt(key_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerError(f"cannot set up TLS: {exc}") from exc
+    return client
+
+
+def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """Turn Nagle off: an answer is one small packet, and Nagle can hold it up to 40 ms
+    waiting for the ACK of the previous one (measured in bench/RESULTS.md)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (unix/websocket transports)
+        pass
+
+
+def _opt(path: Path | None) -> str | None:
+    return str(path) if path else None
+
+
+def _credential(name: str) -> Path | None:
+    """A secret systemd handed over with LoadCredential=, if this process got one by that name."""
+    folder = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not folder:
+        return None
+    path = Path(folder) / name
+    try:  # blank: the unit's SetCredential= placeholder, standing in for a file not installed
+        return path if path.read_bytes().strip() else None
+    except OSError:
+        return None
+
+
+def _read_password(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise BrokerError(f"cannot read the MQTT password from {path}: {exc.strerror or exc}") from exc
+
+
+def incoming(message: paho.MQTTMessage) -> Incoming:
+    props = getattr(message, "properties", None)
+    response_topic = getattr(props, "ResponseTopic", None) if props else None
+    correlation = getattr(props, "CorrelationData", None) if props else None
+    expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+    return Incoming(message.topic, bytes(message.payload), response_topic, correlation, expiry)
+
+
