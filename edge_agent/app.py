@@ -16,11 +16,13 @@ from edge_agent.inference import GenerationParams, OrtGenaiEngine
 from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
-from edge_agent.protocol import (RequestError, RequestLimits, Topics, choose_reply_topic, encode,
+from edge_agent.protocol import (Request, RequestError, RequestLimits, Topics, choose_reply_topic, encode,
                                  error_payload, parse_request)
 from edge_agent.cameras import CameraSet
 from edge_agent.reload import CAMERAS, LOGGING, MODEL, MQTT, changed_parts
+from edge_agent.delivery import DUPLICATE, Delivery
 from edge_agent.scheduler import Scheduler
+from edge_agent.store import Store
 from edge_agent.settings import Settings
 from edge_agent.stats import Stats
 from edge_agent.vision import ImageGatherer
@@ -45,7 +47,11 @@ class Agent:
         self.engine = make_engine(settings)
         self.handler: RequestHandler | None = None
         self.scheduler: Scheduler | None = None
+        self.store = open_store(settings)
+        self.delivery = Delivery(self.store, lambda: self.link)
         self.link = self._new_link(settings, self.topics)
+        self._early_lock = threading.Lock()
+        self._early: list[Incoming] | None = []  # delivered before the worker runs; None after
         self._stopping = threading.Event()
         self._camera_states: dict[str, str] = {}
         self._status_at = 0.0
@@ -65,6 +71,10 @@ class Agent:
         self.scheduler = Scheduler(self.settings.limits.queue_size, self._process)
         self.scheduler.start()
         self.link.accept_requests(True)
+        with self._early_lock:  # requests the broker session held for us while we were away
+            early, self._early = self._early, None
+        for incoming in early or []:
+            self._on_message(incoming)
         self._set_status("ready", cameras=self.cameras.info())
         log.info("agent.ready", request_topic=self.topics.request)
 
@@ -72,16 +82,17 @@ class Agent:
         """Reverse order: stop taking requests, finish or refuse queued work, say offline."""
         self._stopping.set()
         self._set_status("stopping")
-        self.link.accept_requests(False)
+        self.link.accept_requests(False, keep_session=True)
         if self.scheduler is not None:
             for job in self.scheduler.stop(self.settings.shutdown_grace_s):
-                self._reply_error(job.reply_topic, job.request.id, Unavailable("the agent is stopping"),
-                                  job.correlation_data)
+                self._reply_error(job.reply_topic, job.request, Unavailable("the agent is stopping"),
+                                  job.message)
         self.cameras.stop_all()
         offline = self.status.set("offline")
         if not self.link.publish_and_wait(self.topics.status, offline, retain=True):
             log.warning("status.offline_not_acknowledged")
         self.link.stop()
+        self.store.close()
         log.info("agent.stopped", outcomes=self.stats.requests.outcomes())
 
     def apply(self, new: Settings) -> set[str]:
@@ -150,13 +161,16 @@ class Agent:
 
     # --- requests (network thread: parse, validate, enqueue; never generate) ----------------
     def _on_message(self, incoming: Incoming) -> None:
+        with self._early_lock:
+            if self._early is not None:  # a resumed session delivers at once: hold until ready
+                self._early.append(incoming)
+                return
         received = time.monotonic()
         try:
             request = parse_request(incoming.payload, self.limits)
         except RequestError as exc:
             with structlog.contextvars.bound_contextvars(request_id=exc.request_id):
-                self._reply_error(self._error_topic(incoming), exc.request_id, exc,
-                                  incoming.correlation_data)
+                self._reply_error(self._error_topic(incoming), exc.request_id, exc, incoming)
             return
         with structlog.contextvars.bound_contextvars(request_id=request.id):
             default = self._default_reply_topic(incoming)
@@ -164,18 +178,19 @@ class Agent:
                 topic = choose_reply_topic(incoming.response_topic, request.reply_to,
                                            default, self.settings.mqtt.reply_topic_allow)
             except AgentError as exc:
-                self._reply_error(default, request.id, exc, incoming.correlation_data)
+                self._reply_error(default, request, exc, incoming)
                 return
             if self._stopping.is_set() or self.scheduler is None:
-                self._reply_error(topic, request.id, Unavailable("the agent is stopping"),
-                                  incoming.correlation_data)
+                self._reply_error(topic, request, Unavailable("the agent is stopping"), incoming)
+                return
+            if self.delivery.admit(request.id, request.id_given, incoming) == DUPLICATE:
                 return
             job = Job(request, topic, incoming.correlation_data, received,
-                      self._deadline(received, request.timeout_s, incoming.expiry_s))
+                      self._deadline(received, request.timeout_s, incoming.expiry_s), incoming)
             if not self.scheduler.submit(job):
-                self._reply_error(topic, request.id, AgentError(
+                self._reply_error(topic, request, AgentError(
                     f"queue full ({self.settings.limits.queue_size} waiting)", ErrorCode.BUSY),
-                    incoming.correlation_data, retry_after_ms=BUSY_RETRY_AFTER_MS)
+                    incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
                 return
             log.info("request.accepted", queue_depth=self.scheduler.depth, reply_topic=topic)
 
@@ -204,20 +219,29 @@ class Agent:
         payload, outcome = self.handler.handle(job)
         latency_ms = (time.monotonic() - job.received_at) * 1000 if outcome == "ok" else None
         self.stats.requests.count(outcome, latency_ms)
-        self.link.publish(job.reply_topic, payload, correlation_data=job.correlation_data)
+        self.delivery.answer(job.request.id, job.request.id_given, job.reply_topic, payload,
+                             job.correlation_data, job.message)
 
-    def _reply_error(self, topic: str, request_id: str | None, exc: AgentError,
-                     correlation_data: bytes | None, **extra: object) -> None:
+    def _reply_error(self, topic: str, request: Request | str | None, exc: AgentError,
+                     incoming: Incoming | None, **extra: object) -> None:
+        """An error answer given instead of running the request: a re-send of its id may run."""
         self.stats.requests.count(exc.code.value)
         log.info("request.rejected", code=exc.code.value, reason=exc.message)
-        self.link.publish(topic, error_payload(request_id, exc.code, exc.message, **extra),
-                          correlation_data=correlation_data)
+        request_id = request.id if isinstance(request, Request) else request
+        id_given = request.id_given if isinstance(request, Request) else request is not None
+        self.delivery.answer(request_id, id_given, topic,
+                             error_payload(request_id, exc.code, exc.message, **extra),
+                             incoming.correlation_data if incoming else None, incoming, final=False)
+
+    def _on_connected(self) -> None:
+        self._publish_status()
+        self.delivery.replay()
 
     # --- parts -------------------------------------------------------------------------------
     def _new_link(self, settings: Settings, topics: Topics) -> BrokerLink:
         return BrokerLink(settings.mqtt, settings.client_id, request_topic=topics.request,
                           will_topic=topics.status, will_payload=self.status.offline_payload(),
-                          on_message=self._on_message, on_connected=self._publish_status,
+                          on_message=self._on_message, on_connected=self._on_connected,
                           shared_topic=topics.shared_fleet_request(settings.mqtt.shared_group)
                           if settings.mqtt.shared_group else None)
 
@@ -284,3 +308,9 @@ def make_engine(settings: Settings) -> OrtGenaiEngine:
 
 def link_host(settings: Settings) -> str:
     return f"{settings.mqtt.host}:{settings.mqtt.port}"
+
+
+def open_store(settings: Settings) -> Store:
+    delivery = settings.delivery
+    return Store(settings.state_dir / "edge-agent.db", outbox_max_items=delivery.outbox_max_items,
+                 outbox_max_age_s=delivery.outbox_max_age_s, dedup_window_s=delivery.dedup_window_s)

@@ -35,6 +35,7 @@ class Job:
     correlation_data: bytes | None = None
     received_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() after which it must not run
+    message: Any = None  # the MQTT message it came in, acknowledged once the answer is safe
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.monotonic()) > self.deadline

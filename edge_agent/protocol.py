@@ -96,6 +96,7 @@ class Request:
     interval_ms: int = 0
     images: tuple[str, ...] = ()  # base64 text, decoded and sanitized by the worker
     include_frame: bool = False
+    id_given: bool = True  # False: the id was generated here, so a re-send cannot be recognised
 
     @property
     def image_count(self) -> int:
@@ -201,6 +202,7 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
         vision = _vision_fields(obj, limits)
         return Request(
             id=checked_id,
+            id_given="id" in obj,
             messages=messages,
             max_tokens=_number(obj, "max_tokens", 1, limits.max_tokens_cap, integer=True),
             temperature=_number(obj, "temperature", 0, MAX_TEMPERATURE, integer=False),

@@ -68,6 +68,8 @@ class MqttSettings(_Strict):
     tls: TlsSettings | None = Field(None, description="TLS to the broker; absent = plain TCP")
     reply_topic_allow: tuple[str, ...] = Field(
         ("#",), description="topic filters a reply topic must match ('$' topics never allowed)")
+    session_expiry_s: int = Field(3600, ge=0, le=2**32 - 1, description="how long the broker keeps "
+                                  "our session and queued requests while we are away; 0 = clean session")
     shared_group: str | None = Field(None, description="also take requests from the MQTT 5 shared "
                                      "subscription $share/<group>/<prefix>/fleet/request")
     reconnect_min_s: float = Field(1.0, gt=0, le=60, description="first reconnect delay")
@@ -128,6 +130,12 @@ class ImageSettings(_Strict):
     jpeg_quality: int = Field(90, ge=30, le=100, description="quality of the re-encoded JPEG")
 
 
+class DeliverySettings(_Strict):
+    outbox_max_items: int = Field(10000, ge=1, description="answers kept on disk until the broker has them")
+    outbox_max_age_s: float = Field(86400.0, gt=0, description="older unsent answers are dropped (counted)")
+    dedup_window_s: float = Field(3600.0, ge=0, description="a request id seen this recently is not run again")
+
+
 class LimitsSettings(_Strict):
     queue_size: int = Field(8, ge=1, le=10000, description="requests waiting for the worker")
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=512, le=64 * 1024 * 1024,
@@ -146,6 +154,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     cameras: dict[str, CameraSettings] = Field(default_factory=dict, description="[cameras.<name>] tables")
     images: ImageSettings = Field(default_factory=ImageSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running request")
     state_dir: Path = Field(Path("/var/lib/edge-agent"), description="models pulled from the catalog, "
                             "and later the outbox, live here")

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.errors import ConfigError
 from edge_agent.log import get_logger
 
 log = get_logger("store")
@@ -50,11 +51,14 @@ class SeenAnswer:
 class Store:
     def __init__(self, path: Path, *, outbox_max_items: int, outbox_max_age_s: float,
                  dedup_window_s: float, clock=time.time) -> None:  # noqa: ANN001 - tests pass a fake clock
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError([f"state_dir: cannot open the state database {path}: {exc}"]) from exc
         self._lock = threading.Lock()
         self._clock = clock
         self.outbox_max_items = outbox_max_items
@@ -138,6 +142,11 @@ class Store:
                 raise
             self._enforce_bounds()
             return int(cursor.lastrowid or 0)
+
+    def reset_in_progress(self) -> None:
+        """At start-up: ids a previous process took but never answered may run again."""
+        with self._lock:
+            self._db.execute("DELETE FROM seen WHERE payload IS NULL")
 
     def forget(self, request_id: str) -> None:
         """A request that was refused before running (busy, stopping): a re-send may run."""

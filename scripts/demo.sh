@@ -18,6 +18,7 @@ PORT="$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 printf 'listener %s 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n' "$PORT" > "$WORK/mosquitto.conf"
 cat > "$WORK/agent.toml" <<TOML
 device_id = "demo"
+state_dir = "$WORK/state"
 [mqtt]
 port = $PORT
 [model]

@@ -41,6 +41,30 @@ def build_model(name: str) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+_cuda_missing: dict[Path, str] = {}
+
+
+def cuda_missing(model: Path) -> str:
+    """The start of what the installed ORT GenAI (CPU build) says when asked for CUDA, up to the
+    first colon; our provider reasons must carry it. The wording depends on the ORT GenAI version:
+    0.18 "Cuda interface not available: Failed to load library …", 0.11 "CUDA execution provider
+    is not enabled in this build."."""
+    if model not in _cuda_missing:
+        import onnxruntime_genai as og
+        import pytest
+
+        config = og.Config(str(model))
+        config.clear_providers()
+        config.append_provider("cuda")
+        try:
+            og.Model(config)
+        except Exception as exc:  # ORT GenAI raises plain RuntimeError
+            _cuda_missing[model] = str(exc).split(":")[0]
+        else:
+            pytest.skip("this ORT GenAI loads CUDA: the missing-CUDA paths need its CPU build")
+    return _cuda_missing[model]
+
+
 class Broker:
     """A private mosquitto on a free loopback port; restartable on the same port.
 
@@ -179,6 +203,7 @@ class AgentProcess:
         self.log_path = workdir / f"{self.device_id}.log"
         config: dict[str, Any] = {
             "device_id": self.device_id, "shutdown_grace_s": 5.0,
+            "state_dir": str(workdir / f"state-{self.device_id}"),
             "mqtt": {"port": broker_port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
             "model": {"path": str(model), "max_new_tokens": 64},
         }

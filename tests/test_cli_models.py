@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from support import cuda_missing
+
 
 def run(*args: str, config: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edge_agent", *args, "--config", str(config)],
@@ -32,7 +34,7 @@ def test_providers_report(config: Path, tiny_model: Path) -> None:
     rows = {row["provider"]: row for row in report["results"]}
     assert set(rows) == {"cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml"}
     assert rows["cpu"]["ok"] and rows["cpu"]["error"] is None
-    assert not rows["cuda"]["ok"] and "Cuda interface not available" in rows["cuda"]["error"]
+    assert not rows["cuda"]["ok"] and cuda_missing(tiny_model) in rows["cuda"]["error"]
     assert "pip install onnxruntime-genai-cuda" in rows["cuda"]["hint"]
     assert report["auto"]["provider"] == "cpu" and report["auto"]["reason"].startswith("auto: ")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -58,6 +60,19 @@ def test_past_deadline_raises_timeout(engine: OrtGenaiEngine) -> None:
 def test_missing_folder_is_a_load_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no genai_config.json"):
         OrtGenaiEngine(tmp_path, "cpu")
+
+
+def test_unknown_tokenizer_class_says_what_to_change(tiny_model: Path, tmp_path: Path) -> None:
+    """transformers 5 writes `TokenizersBackend`, which older ORT GenAI (0.11) rejects."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "NoSuchTokenizer"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as info:
+        OrtGenaiEngine(folder, "cpu").load()
+    assert "Unsupported tokenizer class: NoSuchTokenizer" in str(info.value)
+    assert "tokenizer_class in tokenizer_config.json" in str(info.value)
 
 
 @pytest.mark.parametrize("provider, words", [("cuda", "onnxruntime-genai-cuda"), ("dml", "directml"),

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from support import AgentProcess, Broker, Client
+from support import AgentProcess, Broker, Client, cuda_missing
 
 
 def test_queue_full_answers_busy_at_once_and_loses_nothing(
@@ -181,11 +181,11 @@ def test_run_without_a_model_folder_exits_78(tmp_path: Path) -> None:
 
 
 def test_unavailable_provider_falls_back_and_says_why(
-        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tiny_model: Path) -> None:
     agent = start_agent(broker, client, wait_ready=False, model__provider="cuda")  # fallback ["cpu"]
     ready = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d["state"] == "ready", 30)
     assert ready["provider"] == "cpu"
-    assert ready["provider_reason"].startswith("configured: cuda failed (Cuda interface not available")
+    assert ready["provider_reason"].startswith(f"configured: cuda failed ({cuda_missing(tiny_model)}")
     assert ready["provider_reason"].endswith("fell back to cpu")
     loaded = next(line for line in agent.log_lines() if line["event"] == "model.loaded")
     assert loaded["provider"] == "cpu" and loaded["reason"] == ready["provider_reason"]

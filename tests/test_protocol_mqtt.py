@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -10,6 +11,11 @@ from typing import Any, Iterator
 import pytest
 
 from support import AgentProcess, Broker, Client
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the tomli backport (a test dependency there)
+    import tomli as tomllib
 
 ANSWER_KEYS = {"id", "ok", "text", "finish_reason", "model", "provider", "usage", "timings"}
 ERROR_KEYS = {"id", "ok", "error"}
@@ -71,7 +77,6 @@ def test_prompt_is_answered_with_every_documented_field(pipeline: Client, agent:
 
 
 def agent_model_path(agent: AgentProcess) -> str:
-    import tomllib
     return tomllib.loads(agent.config.read_text())["model"]["path"]
 
 

@@ -14,6 +14,7 @@ from edge_agent.errors import ModelLoadError
 from edge_agent.hardware import Gpu, Hardware
 from edge_agent.inference import OrtGenaiEngine
 from edge_agent.inference.providers import Candidate, choose_and_load, option_text, plan
+from support import cuda_missing
 
 INTEL = Hardware(machine="x86_64", cpu_vendor="intel", cpu_model="Intel Core i5")
 H100 = Hardware(machine="x86_64", cpu_vendor="amd", cpu_model="AMD EPYC", nvidia_gpus=(Gpu("NVIDIA H100"),))
@@ -25,7 +26,7 @@ def test_explicit_cuda_falls_back_to_cpu_and_says_why(tiny_model: Path) -> None:
     with capture_logs() as logs:
         engine.load()
     assert engine.provider == "cpu"
-    assert engine.provider_reason.startswith("configured: cuda failed (Cuda interface not available")
+    assert engine.provider_reason.startswith(f"configured: cuda failed ({cuda_missing(tiny_model)}")
     assert engine.provider_reason.endswith("; fell back to cpu")
     assert [(a.provider, a.error is None) for a in engine.provider_attempts] == [("cuda", False), ("cpu", True)]
     assert [e["event"] for e in logs] == ["provider.failed", "model.loaded"]
@@ -36,7 +37,7 @@ def test_explicit_cuda_strict_fails_naming_the_pip_command(tiny_model: Path) -> 
     with pytest.raises(ModelLoadError) as info:
         OrtGenaiEngine(tiny_model, "cuda", fallback=()).load()
     message = str(info.value)
-    assert "provider 'cuda' (fallback = [], strict)" in message and "Cuda interface not available" in message
+    assert "provider 'cuda' (fallback = [], strict)" in message and cuda_missing(tiny_model) in message
     assert "pip install onnxruntime-genai-cuda" in message
 
 
@@ -57,7 +58,7 @@ def test_auto_on_an_intel_box_tries_openvino_first(tiny_model: Path) -> None:
 def test_auto_on_a_gpu_box_reports_the_cuda_failure(tiny_model: Path) -> None:
     choice = choose_and_load(tiny_model, "auto", ("cpu",), (), hardware_probe=lambda: H100)
     assert choice.provider == "cpu"
-    assert choice.reason.startswith("auto: NVIDIA GPU found (NVIDIA H100); cuda failed (Cuda interface")
+    assert choice.reason.startswith(f"auto: NVIDIA GPU found (NVIDIA H100); cuda failed ({cuda_missing(tiny_model)}")
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_auto_with_a_cuda_folder_falls_back(cuda_folder: Path) -> None:
     engine = OrtGenaiEngine(cuda_folder, "auto")
     engine.load()
     assert engine.provider == "cpu"
-    assert "cuda failed (Cuda interface not available" in engine.provider_reason
+    assert f"cuda failed ({cuda_missing(cuda_folder)}" in engine.provider_reason
     assert engine.provider_reason.endswith("fell back to cpu")
 
 

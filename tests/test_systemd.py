@@ -20,7 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from edge_agent import app as app_module
-from edge_agent import mqtt
+from edge_agent.mqtt import client as mqtt
 from edge_agent import scheduler as scheduler_module
 from edge_agent.app import Agent, request_limits
 from edge_agent.handler import Job

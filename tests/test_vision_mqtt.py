@@ -134,8 +134,9 @@ BAD_IMAGES = [
 @pytest.mark.parametrize("image, code", BAD_IMAGES, ids=[f"img{i}" for i in range(len(BAD_IMAGES))])
 def test_bad_images_get_an_error_and_the_next_request_is_answered(
         pipeline: Client, vision_agent: AgentProcess, image: str, code: str) -> None:
-    doc = ask(pipeline, vision_agent, {"id": "img", "images": [image], "prompt": "What?"})
-    assert doc["ok"] is False and doc["error"]["code"] == code and doc["id"] == "img"
+    rid = f"img-{uuid.uuid4().hex[:8]}"  # ids are remembered: a re-used one gets its first answer
+    doc = ask(pipeline, vision_agent, {"id": rid, "images": [image], "prompt": "What?"})
+    assert doc["ok"] is False and doc["error"]["code"] == code and doc["id"] == rid
     still_answers(pipeline, vision_agent)
 
 

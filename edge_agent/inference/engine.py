@@ -103,7 +103,14 @@ class OrtGenaiEngine:
             if self.supports_images:
                 self._processor = self._model.create_multimodal_processor()
         except Exception as exc:  # ORT GenAI raises plain RuntimeError
-            raise ModelLoadError(f"cannot load the tokenizer/processor of {self.folder}: {exc}") from exc
+            hint = ""
+            if "Unsupported tokenizer class" in str(exc):
+                # transformers 5 saves generic names (TokenizersBackend, ...) that older ORT GenAI
+                # (e.g. 0.11, the newest for Python 3.10) does not know.
+                hint = (f" (onnxruntime-genai {og.__version__} does not know the tokenizer_class in "
+                        "tokenizer_config.json: set it to the model's own class, e.g. GPT2Tokenizer "
+                        "or LlamaTokenizer, or use a newer onnxruntime-genai)")
+            raise ModelLoadError(f"cannot load the tokenizer/processor of {self.folder}: {exc}{hint}") from exc
         log.info("model.loaded", model=self.name, provider=self.provider, reason=self.provider_reason,
                  context_length=self.context_length, ms=round((time.monotonic() - started) * 1000, 1))
 

@@ -30,13 +30,19 @@ class Incoming:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     expiry_s: int | None = None
+    mid: int = 0  # packet id, for the acknowledgement we send once the answer is safe
+    qos: int = 0
 
 
-def new_client(settings: MqttSettings, client_id: str) -> paho.Client:
+def new_client(settings: MqttSettings, client_id: str, *, persistent: bool = False) -> paho.Client:
+    """`persistent`: the daemon's link, a broker session that outlives the connection and
+    messages acknowledged by us (manual ack) only once their answer is safe."""
     v5 = settings.protocol == "5"
+    keep = persistent and settings.session_expiry_s > 0
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-                         clean_session=None if v5 else True, reconnect_on_failure=False)
+                         clean_session=None if v5 else not keep, reconnect_on_failure=False,
+                         manual_ack=persistent)
     client.on_socket_open = _no_delay
     if settings.username:
         client.username_pw_set(settings.username,
@@ -92,6 +98,7 @@ def incoming(message: paho.MQTTMessage) -> Incoming:
     response_topic = getattr(props, "ResponseTopic", None) if props else None
     correlation = getattr(props, "CorrelationData", None) if props else None
     expiry = getattr(props, "MessageExpiryInterval", None) if props else None
-    return Incoming(message.topic, bytes(message.payload), response_topic, correlation, expiry)
+    return Incoming(message.topic, bytes(message.payload), response_topic, correlation, expiry,
+                    message.mid, message.qos)
 
 

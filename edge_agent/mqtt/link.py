@@ -38,7 +38,11 @@ class BrokerLink:
         self._on_message = on_message
         self._on_connected = on_connected
         self._v5 = settings.protocol == "5"
-        self._client = new_client(settings, client_id)
+        self._client = new_client(settings, client_id, persistent=True)
+        self._client.on_publish = self._handle_publish
+        self._track_lock = threading.Lock()
+        self._on_acked: dict[int, Callable[[], None]] = {}
+        self._early_acks: set[int] = set()  # PUBACKs that beat publish() returning
         self._client.will_set(will_topic, will_payload, qos=1, retain=True)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
@@ -55,8 +59,21 @@ class BrokerLink:
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        self._client.connect_async(self._settings.host, self._settings.port, self._settings.keepalive)
+        props = None
+        clean_start: bool = True
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self._settings.session_expiry_s
+            clean_start = self._settings.session_expiry_s == 0
+        self._client.connect_async(self._settings.host, self._settings.port, self._settings.keepalive,
+                                   clean_start=clean_start if self._v5 else 3, properties=props)
         self._thread.start()
+
+    def ack(self, message: Incoming) -> None:
+        """Acknowledge a request (PUBACK) once its answer is safe; until then a crash means the
+        broker delivers it again."""
+        if message.qos > 0 and message.mid:
+            self._client.ack(message.mid, message.qos)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -80,28 +97,61 @@ class BrokerLink:
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
 
     # --- requests ----------------------------------------------------------------------
-    def accept_requests(self, accept: bool) -> None:
-        """Subscribe (now and after every reconnect) or unsubscribe the request topics."""
+    def accept_requests(self, accept: bool, *, keep_session: bool = False) -> None:
+        """Subscribe (now and after every reconnect) or unsubscribe the request topics.
+        `keep_session`: going away for a restart: leave the pool (the others take its share)
+        but keep the device's own subscription in the broker session, so requests sent
+        meanwhile wait for us instead of going nowhere."""
         self._subscribed = accept
         if not self._connected.is_set():
             return
         if accept:
             self._subscribe(self._client)
-        else:
-            self._client.unsubscribe(self._request_topics)
+            return
+        keep = keep_session and self._settings.session_expiry_s > 0
+        topics = [t for t in self._request_topics if t == self._shared_topic] if keep else self._request_topics
+        if topics:
+            self._client.unsubscribe(topics)
 
     def _subscribe(self, client: paho.Client) -> None:
         client.subscribe([(topic, 1) for topic in self._request_topics])
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
-                correlation_data: bytes | None = None, qos: int = 1) -> paho.MQTTMessageInfo:
-        """QoS 1 (default): paho queues it while disconnected and sends it after reconnect.
+                correlation_data: bytes | None = None, qos: int = 1,
+                on_acked: Callable[[], None] | None = None) -> paho.MQTTMessageInfo:
+        """QoS 1 (default): paho queues it while disconnected and sends it after reconnect;
+        `on_acked` runs on the network thread when the broker's PUBACK arrives.
         QoS 0 is dropped while disconnected: for data that is stale by the time we are back."""
         props = None
         if self._v5 and correlation_data is not None:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = correlation_data
-        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        # Every publish is tracked (QoS 0 "acks" when written), so no stale early ack can
+        # match a packet id paho reuses later.
+        self._track(info.mid, on_acked or _nothing)
+        return info
+
+    def _track(self, mid: int, callback: Callable[[], None]) -> None:
+        with self._track_lock:
+            if mid in self._early_acks:
+                self._early_acks.discard(mid)
+            else:
+                self._on_acked[mid] = callback
+                return
+        callback()
+
+    def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
+                        properties: Any) -> None:
+        try:
+            with self._track_lock:
+                callback = self._on_acked.pop(mid, None)
+                if callback is None:
+                    self._early_acks.add(mid)
+            if callback is not None:
+                callback()
+        except Exception:  # noqa: BLE001 - must never escape into paho's thread
+            log.exception("mqtt.on_publish_failed")
 
     def publish_and_wait(self, topic: str, payload: bytes, *, retain: bool = False,
                          timeout: float = 5.0) -> bool:
@@ -202,3 +252,5 @@ class BrokerLink:
             log.exception("mqtt.on_message_failed", topic=message.topic)
 
 
+def _nothing() -> None:
+    return None

@@ -31,7 +31,9 @@ from pathlib import Path
 # scripts/ is on sys.path (the dispatcher puts it there): one definition of the cache root.
 from build_test_models import cache_root
 
-RECIPE_VERSION = 1
+# 2: tokenizer_config.json names GPT2Tokenizer (SmolLM2's own class), not transformers 5's
+#    "TokenizersBackend", which older ORT GenAI (0.11.4, the newest for Python 3.10) rejects.
+RECIPE_VERSION = 2
 
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE / "smollm2-build-requirements.txt"
@@ -80,19 +82,35 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _base_python() -> str:
+    """The interpreter for the build venv: $EDGE_AGENT_BUILD_PYTHON, else this one. The pins
+    need Python >= 3.11 (onnxruntime-genai 0.18 has no cp310 wheel)."""
+    base = os.environ.get("EDGE_AGENT_BUILD_PYTHON") or sys.executable
+    if base == sys.executable and sys.version_info < (3, 11):
+        raise RuntimeError("building the SmolLM2 test model needs Python >= 3.11 (its build tools pin "
+                           "onnxruntime-genai 0.18, which has no Python 3.10 wheel): set "
+                           "EDGE_AGENT_BUILD_PYTHON=/path/to/python3.11 or build it once with "
+                           "`python3.11 scripts/build_test_models.py smollm2`; every interpreter then "
+                           "uses the cached model")
+    return base
+
+
 def _build_python() -> Path:
     """Create (once) the build venv; return its python."""
     venv = cache_root().resolve() / "build-venv"
     python = venv / "bin" / "python"
     marker = venv / ".edge-agent-requirements.sha256"
+    base = _base_python()
+    version = sys.version if base == sys.executable else subprocess.run(
+        [base, "-c", "import sys; print(sys.version)"], check=True, capture_output=True, text=True).stdout
     # Rebuild when the pins or the interpreter change; a venv without marker is half-made.
-    want = hashlib.sha256(REQUIREMENTS.read_bytes() + sys.version.encode()).hexdigest()
+    want = hashlib.sha256(REQUIREMENTS.read_bytes() + version.strip().encode()).hexdigest()
     if python.exists() and marker.exists() and marker.read_text().strip() == want:
         _log(f"reusing build venv {venv}")
         return python
     _log(f"creating build venv {venv} (torch CPU, transformers, gguf; ~40 s)")
     shutil.rmtree(venv, ignore_errors=True)
-    _run([sys.executable, "-m", "venv", venv])
+    _run([base, "-m", "venv", venv])
     # Everything pinned in one resolve, so pip can never pick an unpinned (CUDA) torch.
     _run([python, "-m", "pip", "install", "-q", "--progress-bar", "off", "-r", REQUIREMENTS])
     marker.write_text(want + "\n")
@@ -140,6 +158,11 @@ def _fix_for_chat(out_dir: Path) -> None:
         if not jinja.exists():
             raise RuntimeError("the GGUF gave no chat template")
         tc["chat_template"] = jinja.read_text()
+    # transformers 5 names its generic class; older ORT GenAI (onnxruntime-extensions before
+    # microsoft/onnxruntime-extensions#1044) knows only the model's own: "Unsupported tokenizer
+    # class: TokenizersBackend". SmolLM2's published tokenizer is a GPT-2 byte-level BPE.
+    if tc.get("tokenizer_class") == "TokenizersBackend":
+        tc["tokenizer_class"] = "GPT2Tokenizer"
     tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -1,0 +1,91 @@
+"""Exactly one answer per request id, across broker restarts, crashes and network drops.
+
+- A request is acknowledged to the broker (PUBACK) only once its answer is stored on disk, so a
+  crash before that makes the broker deliver it again (persistent session).
+- Every answer goes through the outbox: stored, then published; the row goes when the broker's
+  PUBACK for the answer arrives. What is left at start-up is published again, oldest first.
+- A request id seen within the window is not run again: a redelivery of a request in progress
+  waits for that answer; a re-send of an answered one gets the stored answer again.
+Requests without an `id` get a generated one, so a re-send of those cannot be recognised.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from edge_agent.log import get_logger
+from edge_agent.mqtt import BrokerLink, Incoming
+from edge_agent.store import SeenAnswer, Store
+
+log = get_logger("delivery")
+NEW, DUPLICATE = "new", "duplicate"
+
+
+class Delivery:
+    def __init__(self, store: Store, link: Callable[[], BrokerLink]) -> None:
+        self._store = store
+        self._link = link  # a getter: a reload may swap the link
+        self._lock = threading.Lock()
+        self._waiting: dict[str, list[Incoming]] = {}  # request id -> deliveries to acknowledge
+        self._replayed = False
+        store.reset_in_progress()  # requests a previous process took but never answered run again
+
+    def admit(self, request_id: str, id_given: bool, message: Incoming) -> str:
+        """NEW: run it. DUPLICATE: already handled here (answer re-sent or still to come)."""
+        if not id_given:
+            return NEW
+        with self._lock:
+            seen = self._store.first_sight(request_id)
+            if seen is True:
+                self._waiting[request_id] = [message]
+                return NEW
+            if isinstance(seen, SeenAnswer):
+                log.info("request.duplicate", answered=True)
+                self._send(seen.topic, seen.payload, seen.correlation, [message], row=self._store.put(
+                    seen.topic, seen.payload, seen.correlation))
+                return DUPLICATE
+            self._waiting.setdefault(request_id, []).append(message)
+            log.info("request.duplicate", answered=False)
+            return DUPLICATE
+
+    def answer(self, request_id: str | None, id_given: bool, topic: str, payload: bytes,
+               correlation: bytes | None, message: Incoming | None, *, final: bool = True) -> None:
+        """Store, acknowledge the request (every delivery of it), publish. `final=False`: an
+        answer that a re-send should not get again (busy, stopping): the id is released."""
+        with self._lock:
+            messages = self._waiting.pop(request_id, []) if request_id and id_given else []
+            if message is not None and message not in messages:
+                messages.append(message)
+            if final and request_id and id_given:
+                row = self._store.answered(request_id, topic, payload, correlation)
+            else:
+                if request_id and id_given:
+                    self._store.forget(request_id)
+                row = self._store.put(topic, payload, correlation)
+        self._send(topic, payload, correlation, messages, row)
+
+    def replay(self) -> None:
+        """Once per process, at the first connection: answers a previous run left unsent."""
+        if self._replayed:
+            return
+        self._replayed = True
+        pending = self._store.pending()
+        if pending:
+            log.info("outbox.replay", count=len(pending))
+        for item in pending:
+            self._publish(item.topic, item.payload, item.correlation, item.row)
+
+    def stats(self) -> dict[str, Any]:
+        return {"outbox": self._store.outbox_size(), "outbox_dropped": self._store.dropped}
+
+    def _send(self, topic: str, payload: bytes, correlation: bytes | None, messages: list[Incoming],
+              row: int) -> None:
+        link = self._link()
+        for delivered in messages:
+            link.ack(delivered)
+        self._publish(topic, payload, correlation, row)
+
+    def _publish(self, topic: str, payload: bytes, correlation: bytes | None, row: int) -> None:
+        self._link().publish(topic, payload, correlation_data=correlation,
+                             on_acked=lambda: self._store.done(row))
