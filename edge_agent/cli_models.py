@@ -290,9 +290,9 @@ def models_verify(args: argparse.Namespace, settings: Any) -> int:
     if args.provider:
         model = model.model_copy(update={"provider": args.provider})
     folder = resolve_model_path(settings.model_copy(update={"model": model}))
-    engine = OrtGenaiEngine(folder, model.provider, () if args.strict else model.fallback,
-                            model.provider_options)
     try:
+        engine = OrtGenaiEngine(folder, model.provider, () if args.strict else model.fallback,
+                                model.provider_options)  # reads genai_config.json: may fail too
         started = time.monotonic()
         engine.load()
         load_ms = (time.monotonic() - started) * 1000

@@ -139,6 +139,7 @@ if [ -z "$MODEL" ]; then
     fi
 fi
 [ -f "$MODEL/genai_config.json" ] || die 1 "$MODEL is not a model folder"
+MODEL="$(cd "$MODEL" && pwd)"  # the config written below is elsewhere: relative paths would move
 say "model: $MODEL"
 
 # 5. The agent's provider logic decides: provider = "auto", fallback to the CPU allowed.
