@@ -16,8 +16,8 @@ from edge_agent.inference import GenerationParams, OrtGenaiEngine
 from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
-from edge_agent.protocol import (Request, RequestError, RequestLimits, Topics, choose_reply_topic, encode,
-                                 error_payload, parse_request)
+from edge_agent.protocol import (PromptTemplate, Request, RequestError, RequestLimits, Topics,
+                                 choose_reply_topic, encode, error_payload, parse_request)
 from edge_agent.cameras import CameraSet
 from edge_agent.reload import CAMERAS, LOGGING, MODEL, MQTT, changed_parts
 from edge_agent.delivery import DUPLICATE, Delivery
@@ -286,6 +286,7 @@ class Agent:
                 device_id=self.settings.device_id, cameras=self.cameras.info(),
                 queue_depth=self.scheduler.depth if self.scheduler else 0,
                 busy_rejected=self.scheduler.rejected if self.scheduler else 0)
+            doc["delivery"] = self.delivery.stats()
         except Exception:  # noqa: BLE001 - stats must never take the daemon down
             log.exception("stats.failed")
             return
@@ -293,9 +294,12 @@ class Agent:
 
 
 def request_limits(settings: Settings) -> RequestLimits:
+    templates = {name: PromptTemplate(t.text, t.system, t.max_tokens)
+                 for name, t in settings.prompts.templates.items()}
     return RequestLimits(settings.limits.max_payload_bytes, settings.limits.max_prompt_chars,
                          settings.model.max_new_tokens, settings.limits.max_timeout_s,
-                         settings.images.max_images, frozenset(settings.cameras))
+                         settings.images.max_images, frozenset(settings.cameras),
+                         settings.prompts.allow_free_prompts, templates)
 
 
 def make_engine(settings: Settings) -> OrtGenaiEngine:
