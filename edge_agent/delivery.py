@@ -5,7 +5,8 @@
 - Every answer goes through the outbox: stored, then published; the row goes when the broker's
   PUBACK for the answer arrives. What is left at start-up is published again, oldest first.
 - A request id seen within the window is not run again: a redelivery of a request in progress
-  waits for that answer; a re-send of an answered one gets the stored answer again.
+  waits for that answer; a re-send of an answered one gets the stored answer again, unless
+  that answer is on its way already (published on the current link, no PUBACK yet).
 Requests without an `id` get a generated one, so a re-send of those cannot be recognised.
 """
 
@@ -28,6 +29,7 @@ class Delivery:
         self._link = link  # a getter: a reload may swap the link
         self._lock = threading.Lock()
         self._waiting: dict[str, list[Incoming]] = {}  # request id -> deliveries to acknowledge
+        self._unacked: dict[int, BrokerLink] = {}  # outbox row -> the link it was published on
         self._replayed = False
         store.reset_in_progress()  # requests a previous process took but never answered run again
 
@@ -41,6 +43,14 @@ class Delivery:
                 self._waiting[request_id] = [message]
                 return NEW
             if isinstance(seen, SeenAnswer):
+                if self._on_its_way(seen):
+                    # The broker redelivers a request whose PUBACK it lost (a restart, a dropped
+                    # link) while the answer waits for its own PUBACK; paho sends that answer
+                    # again after reconnecting. Publishing it once more would reach the asker
+                    # twice: acknowledge only.
+                    log.info("request.duplicate", answered=True, answer_on_its_way=True)
+                    self._link().ack(message)
+                    return DUPLICATE
                 log.info("request.duplicate", answered=True)
                 self._send(seen.topic, seen.payload, seen.correlation, [message], row=self._store.put(
                     seen.topic, seen.payload, seen.correlation))
@@ -86,6 +96,16 @@ class Delivery:
             link.ack(delivered)
         self._publish(topic, payload, correlation, row)
 
+    def _on_its_way(self, seen: SeenAnswer) -> bool:
+        link = self._link()  # rows handed to a link since replaced are not coming
+        return any(self._unacked.get(row) is link
+                   for row in self._store.outbox_rows(seen.topic, seen.payload, seen.correlation))
+
     def _publish(self, topic: str, payload: bytes, correlation: bytes | None, row: int) -> None:
-        self._link().publish(topic, payload, correlation_data=correlation,
-                             on_acked=lambda: self._store.done(row))
+        link = self._link()
+        self._unacked[row] = link
+        link.publish(topic, payload, correlation_data=correlation, on_acked=lambda: self._acked(row))
+
+    def _acked(self, row: int) -> None:
+        self._unacked.pop(row, None)
+        self._store.done(row)

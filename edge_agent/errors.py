@@ -18,6 +18,7 @@ class ErrorCode(str, Enum):
     STALE_FRAME = "stale_frame"
     BAD_IMAGE = "bad_image"
     UNSUPPORTED = "unsupported"
+    FORBIDDEN = "forbidden"
 
 
 class AgentError(Exception):
@@ -69,6 +70,12 @@ class BadImage(AgentError):
 
 class Unsupported(AgentError):
     code = ErrorCode.UNSUPPORTED
+
+
+class Forbidden(AgentError):
+    """Allowed by the protocol, refused by this agent's settings (free prompts)."""
+
+    code = ErrorCode.FORBIDDEN
 
 
 class ConfigError(Exception):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import re
+import string
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
-from edge_agent.errors import AgentError, BadRequest, ErrorCode, TooLarge
+from edge_agent.errors import AgentError, BadRequest, ErrorCode, Forbidden, TooLarge
 from edge_agent.strictjson import decode_json_object, json_type
 
 PROTOCOL_VERSION = 1
@@ -20,10 +21,15 @@ MAX_TOPIC_CHARS = 512
 ROLES = ("system", "user", "assistant")
 REQUEST_FIELDS = frozenset({"id", "prompt", "messages", "system", "max_tokens", "temperature",
                             "top_p", "top_k", "seed", "reply_to", "timeout_s",
-                            "camera", "frames", "interval_ms", "images", "include_frame"})
+                            "camera", "frames", "interval_ms", "images", "include_frame",
+                            "template", "vars"})
+FREE_TEXT_FIELDS = ("prompt", "messages", "system")  # refused when free prompts are not allowed
 MAX_FRAMES = 8
 MAX_INTERVAL_MS = 10_000
 CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TEMPLATE_NAME = CAMERA_NAME
+VAR_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+MAX_VAR_CHARS = 200
 MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 100_000
 MAX_SEED = 2**31 - 1
@@ -71,6 +77,15 @@ class Topics:
 
 
 @dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt named in the settings; requests fill its `{name}` fields from `vars`."""
+
+    text: str
+    system: str | None = None
+    max_tokens: int | None = None  # default and cap of the request's max_tokens
+
+
+@dataclass(frozen=True)
 class RequestLimits:
     max_payload_bytes: int
     max_prompt_chars: int
@@ -78,6 +93,8 @@ class RequestLimits:
     max_timeout_s: float
     max_images: int = 4
     camera_names: frozenset[str] = frozenset()
+    allow_free_prompts: bool = True
+    templates: Mapping[str, PromptTemplate] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,7 @@ class Request:
     interval_ms: int = 0
     images: tuple[str, ...] = ()  # base64 text, decoded and sanitized by the worker
     include_frame: bool = False
+    template: str | None = None  # the name of the template the messages were made from
     id_given: bool = True  # False: the id was generated here, so a re-send cannot be recognised
 
     @property
@@ -184,6 +202,91 @@ def _messages(obj: dict[str, Any]) -> tuple[dict[str, str], ...]:
     return tuple(history)
 
 
+def template_fields(text: str) -> tuple[str, ...]:
+    """The field names of a template, in order. Only plain `{name}` fields: no positional or
+    empty fields, no attribute or index access, no conversion, no format spec (ValueError)."""
+    names: list[str] = []
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as exc:  # a lone '{' or '}'
+        raise ValueError(f"{exc} (write '{{{{' and '}}}}' for braces)") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not VAR_NAME.match(name) or spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"field {{{shown}}} is not a plain {{name}} of [a-z_][a-z0-9_]*")
+        names.append(name)
+    return tuple(names)
+
+
+def render_template(text: str, values: Mapping[str, str]) -> str:
+    """Substitutes each field by its value, as plain text: values are never formatted or
+    expanded again, so a value holding `{x}` stays `{x}`."""
+    out: list[str] = []
+    for literal, name, _, _ in string.Formatter().parse(text):
+        out.append(literal)
+        if name is not None:
+            out.append(values[name])
+    return "".join(out)
+
+
+def _template_vars(obj: dict[str, Any]) -> dict[str, str]:
+    values = obj.get("vars", {})
+    if not isinstance(values, dict):
+        raise BadRequest(f"'vars' must be an object of strings, got {json_type(values)}")
+    for key, value in values.items():
+        if not VAR_NAME.match(key):
+            raise BadRequest(f"vars name {key[:64]!r} must match [a-z_][a-z0-9_]*")
+        if not isinstance(value, str):
+            raise BadRequest(f"vars.{key} must be a string, got {json_type(value)}")
+        if not 0 < len(value) <= MAX_VAR_CHARS:
+            raise BadRequest(f"vars.{key} must be 1-{MAX_VAR_CHARS} characters, got {len(value)}")
+        if CONTROL_CHARS.search(value):
+            raise BadRequest(f"vars.{key} contains control characters")
+    return values
+
+
+def _from_template(obj: dict[str, Any], templates: Mapping[str, PromptTemplate]
+                   ) -> tuple[tuple[dict[str, str], ...], PromptTemplate]:
+    name = obj["template"]
+    if not isinstance(name, str):
+        raise BadRequest(f"'template' must be a string, got {json_type(name)}")
+    # Names come only from settings, like cameras.
+    template = templates.get(name) if TEMPLATE_NAME.match(name) else None
+    if template is None:
+        raise BadRequest(f"unknown template {name[:64]!r}"
+                         + (f"; configured: {', '.join(sorted(templates))}" if templates else "; none configured"))
+    values = _template_vars(obj)
+    fields = set(template_fields(template.text))
+    missing, unknown = sorted(fields - set(values)), sorted(set(values) - fields)
+    if missing:
+        raise BadRequest(f"template {name!r} needs vars: {', '.join(missing)}")
+    if unknown:
+        raise BadRequest(f"template {name!r} has no field(s): {', '.join(unknown[:5])}")
+    system = ({"role": "system", "content": template.system},) if template.system else ()
+    return (*system, {"role": "user", "content": render_template(template.text, values)}), template
+
+
+def _prompt(obj: dict[str, Any], limits: RequestLimits
+            ) -> tuple[tuple[dict[str, str], ...], PromptTemplate | None]:
+    """The chat messages: free text (`prompt`/`messages`/`system`) or a named template."""
+    free = [name for name in FREE_TEXT_FIELDS if name in obj]
+    if free and not limits.allow_free_prompts:
+        raise Forbidden(f"{', '.join(repr(f) for f in free)}: this agent takes only named "
+                        "templates ('template' and 'vars')")
+    if "template" in obj:
+        if free:
+            raise BadRequest(f"'template' cannot be combined with {', '.join(repr(f) for f in free)}")
+        return _from_template(obj, limits.templates)
+    if "vars" in obj:
+        raise BadRequest("'vars' needs 'template'")
+    if not limits.allow_free_prompts:
+        raise BadRequest("give 'template': this agent takes only named templates"
+                         + (f" ({', '.join(sorted(limits.templates))})" if limits.templates else ""))
+    return _messages(obj), None
+
+
 def parse_request(payload: bytes, limits: RequestLimits) -> Request:
     """Validate one request payload; raises RequestError (with the id when readable)."""
     request_id: str | None = None
@@ -194,17 +297,22 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
         if unknown:
             raise BadRequest("unknown field(s): " + ", ".join(repr(k[:64]) for k in unknown[:5]))
         checked_id = _check_id(obj)
-        messages = _messages(obj)
+        messages, template = _prompt(obj, limits)
         chars = sum(len(m["content"]) for m in messages)
         if chars > limits.max_prompt_chars:
             raise TooLarge(f"prompt is {chars} characters; the limit is {limits.max_prompt_chars}")
         reply_to = check_topic_name(obj["reply_to"], "reply_to") if "reply_to" in obj else None
         vision = _vision_fields(obj, limits)
+        token_cap = limits.max_tokens_cap
+        if template is not None and template.max_tokens:
+            token_cap = min(template.max_tokens, token_cap)
+        max_tokens = _number(obj, "max_tokens", 1, token_cap, integer=True)
         return Request(
             id=checked_id,
             id_given="id" in obj,
             messages=messages,
-            max_tokens=_number(obj, "max_tokens", 1, limits.max_tokens_cap, integer=True),
+            template=obj["template"] if template else None,
+            max_tokens=max_tokens if max_tokens is not None or template is None else template.max_tokens,
             temperature=_number(obj, "temperature", 0, MAX_TEMPERATURE, integer=False),
             top_p=_number(obj, "top_p", 0, 1, integer=False, low_open=True),
             top_k=_number(obj, "top_k", 1, MAX_TOP_K, integer=True),

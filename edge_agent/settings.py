@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 if sys.version_info >= (3, 11):
@@ -24,6 +24,7 @@ else:  # JetPack 6 ships Python 3.10
 
 from edge_agent.catalog import is_catalog_name
 from edge_agent.errors import ConfigError
+from edge_agent.protocol import template_fields
 
 ENV_PREFIX = "EDGE_AGENT_"
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
@@ -144,6 +145,40 @@ class LimitsSettings(_Strict):
     max_timeout_s: float = Field(3600.0, gt=0, description="largest timeout_s a request may ask")
 
 
+class TemplateSettings(_Strict):
+    text: str = Field(min_length=1, description="the user message; each {name} is replaced by the "
+                      "request's vars.name (plain {name} fields only; '{{' and '}}' for braces)")
+    system: str | None = Field(None, min_length=1, description="system message sent before it")
+    max_tokens: int | None = Field(None, ge=1, le=32768, description="default and cap of the "
+                                   "request's max_tokens (at most model.max_new_tokens)")
+
+    @field_validator("text")
+    @classmethod
+    def _plain_fields(cls, value: str) -> str:
+        template_fields(value)  # ValueError names the bad field
+        return value
+
+
+class PromptSettings(_Strict):
+    allow_free_prompts: bool = Field(True, description="accept prompt, messages and system from "
+                                     "requests; false: only the templates below ('forbidden' otherwise)")
+    templates: dict[str, TemplateSettings] = Field(default_factory=dict,
+                                                   description="[prompts.templates.<name>] tables")
+
+    @field_validator("templates")
+    @classmethod
+    def _template_names(cls, value: dict[str, TemplateSettings]) -> dict[str, TemplateSettings]:
+        for name in value:
+            _check_segment(name, f"template name {name!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _something_allowed(self) -> PromptSettings:
+        if not self.allow_free_prompts and not self.templates:
+            raise ValueError("allow_free_prompts = false needs at least one [prompts.templates.<name>]")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
                                       extra="forbid", frozen=True)
@@ -155,6 +190,7 @@ class Settings(BaseSettings):
     cameras: dict[str, CameraSettings] = Field(default_factory=dict, description="[cameras.<name>] tables")
     images: ImageSettings = Field(default_factory=ImageSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    prompts: PromptSettings = Field(default_factory=PromptSettings)
     shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running request")
     state_dir: Path = Field(Path("/var/lib/edge-agent"), description="models pulled from the catalog, "
                             "and later the outbox, live here")
@@ -177,6 +213,14 @@ class Settings(BaseSettings):
         for name in value:
             _check_segment(name, f"camera name {name!r}")
         return value
+
+    @model_validator(mode="after")
+    def _template_tokens_within_cap(self) -> Settings:
+        for name, template in self.prompts.templates.items():
+            if template.max_tokens is not None and template.max_tokens > self.model.max_new_tokens:
+                raise ValueError(f"prompts.templates.{name}.max_tokens ({template.max_tokens}) is over "
+                                 f"model.max_new_tokens ({self.model.max_new_tokens})")
+        return self
 
     @property
     def client_id(self) -> str:

@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS seen (
     created REAL NOT NULL,
     topic TEXT, payload BLOB, correlation BLOB
 );
+-- Expiry runs on every request: without these it scans the table (100k ids: 15 ms a request).
+CREATE INDEX IF NOT EXISTS seen_created ON seen (created);
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created);
 """
 
 
@@ -92,6 +95,13 @@ class Store:
             rows = self._db.execute(
                 "SELECT id, topic, payload, correlation FROM outbox ORDER BY id").fetchall()
         return [Outgoing(r[0], r[1], bytes(r[2]), None if r[3] is None else bytes(r[3])) for r in rows]
+
+    def outbox_rows(self, topic: str, payload: bytes, correlation: bytes | None) -> list[int]:
+        """The outbox rows holding this very answer (not yet acknowledged by the broker)."""
+        with self._lock:
+            return [r[0] for r in self._db.execute(
+                "SELECT id FROM outbox WHERE topic = ? AND payload = ? AND correlation IS ?",
+                (topic, payload, correlation))]
 
     def outbox_size(self) -> int:
         with self._lock:

@@ -124,7 +124,24 @@ class Broker:
             self.proc.send_signal(sig)
             self.proc.wait(10)
 
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        """Stop with `sig` and start again on the same port (and persistence file)."""
+        self.stop(sig)
+        self.start()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the broker keeps its sockets open but answers nothing (a hung broker,
+        or a network that silently drops packets)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen broker cannot act on SIGTERM
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -225,12 +242,35 @@ class AgentProcess:
 
     def start(self, watcher: Client, wait_ready: bool = True) -> None:
         watcher.subscribe(self.status_topic)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
-                                     stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT, env=env)
+        self._spawn()
         if wait_ready:
             watcher.wait_for(lambda d: d.get("device_id") == self.device_id and d.get("state") == "ready",
                              READY_TIMEOUT_S)
+
+    def _spawn(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with self.log_path.open("ab") as log_file:  # appended: one log across restarts
+            self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
+                                         stdout=log_file, stderr=subprocess.STDOUT, env=env)
+
+    def restart(self, sig: int = signal.SIGKILL, wait_ready: bool = True) -> None:
+        """Stop with `sig` (a crash by default), then start the same device again: same
+        settings, same state_dir. Readiness is read from the log (`agent.ready`), which works
+        while the broker is away and is never fooled by the previous process's retained status."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop(sig)
+        before = self.count_events("agent.ready")
+        self._spawn()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while wait_ready and self.count_events("agent.ready") <= before:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"the agent exited with {self.proc.returncode} while starting")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the restarted agent did not become ready")
+            time.sleep(0.05)
+
+    def count_events(self, event: str) -> int:
+        return sum(1 for line in self.log_lines() if line.get("event") == event)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.proc is not None
