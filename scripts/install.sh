@@ -123,6 +123,7 @@ install_venv() {
     # Build from a copy: pip builds in the source folder, and the checkout stays clean.
     STAGE="$(mktemp -d)"
     cp -R "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/edge_agent" "$STAGE/"
+    mkdir -p "$STAGE/models" && cp "$REPO/models/catalog.toml" "$STAGE/models/"  # a data file of the wheel
     find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
     fingerprint="$(cd "$STAGE" && find . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)"
     fingerprint="$fingerprint ${EDGE_AGENT_PIP_ARGS:-} ${VENV_ARGS[*]:-}"
