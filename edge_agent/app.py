@@ -16,7 +16,8 @@ from edge_agent.inference import GenerationParams, OrtGenaiEngine
 from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
-from edge_agent.protocol import (PromptTemplate, Request, RequestError, RequestLimits, Topics,
+from edge_agent.prompts import PromptTemplate
+from edge_agent.protocol import (Request, RequestError, RequestLimits, Topics,
                                  choose_reply_topic, encode, error_payload, parse_request)
 from edge_agent.cameras import CameraSet
 from edge_agent.reload import CAMERAS, LOGGING, MODEL, MQTT, changed_parts
@@ -140,7 +141,9 @@ class Agent:
         self._set_status(self.status.state, config_error=problems)
 
     def report_degraded(self, error: str) -> None:
-        self._set_status("degraded", error=error)
+        """Queued even while disconnected: a start failure's error must reach the broker before
+        the process exits (stop() waits for the connection to say offline)."""
+        self.link.publish(self.topics.status, self.status.set("degraded", error=error), retain=True)
 
     def healthy(self) -> bool:
         return self.link.loop_alive() and (self.scheduler is None or self.scheduler.alive())
@@ -272,7 +275,13 @@ class Agent:
 
     def _publish_status(self) -> None:
         self._status_at = time.monotonic()
-        self.link.publish(self.topics.status, self.status.payload(), retain=True)
+        # Only while connected; every connect publishes the current status (_on_connected),
+        # after subscribing. Sent while connecting, paho puts it right behind CONNECT, before
+        # the request subscription: a request sent on seeing `ready` was lost. Queued while
+        # disconnected, it went out after the current one: a ready agent's retained status
+        # said `starting`.
+        if self.link.connected:
+            self.link.publish(self.topics.status, self.status.payload(), retain=True)
 
     def publish_stats(self) -> None:
         """Every `stats_interval_s` (0: never). QoS 0, not retained: a missed one is

@@ -4,7 +4,6 @@ config watcher only set flags; this loop notices and acts."""
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from types import FrameType
@@ -21,11 +20,6 @@ from edge_agent.settings import ConfigSources, Settings, load_settings
 log = get_logger("daemon")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
 HEALTH_CHECK_S = 1.0
-# The MQTT network thread makes a dozen short blocking calls (socket, SQLite) per request and
-# waits for the GIL after each; a generating worker keeps the GIL for the whole switch interval.
-# At Python's 5 ms default that convoy cut its rate under load to tens of requests a second
-# (`busy` answers seconds late at 10x overload); at 1 ms the worker loses no measurable speed.
-GIL_SWITCH_INTERVAL_S = 0.001
 
 
 def check_model_folder(settings: Settings) -> None:
@@ -87,7 +81,6 @@ def run(settings: Settings, sources: ConfigSources) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     check_model_folder(settings)
     validate_cameras(settings)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     flags = Flags()
     install_signals(flags)
     try:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import re
-import string
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from edge_agent.errors import AgentError, BadRequest, ErrorCode, Forbidden, TooLarge
+from edge_agent.prompts import VAR_NAME, PromptTemplate, render_template, template_fields
 from edge_agent.strictjson import decode_json_object, json_type
 
 PROTOCOL_VERSION = 1
@@ -28,7 +28,6 @@ MAX_FRAMES = 8
 MAX_INTERVAL_MS = 10_000
 CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TEMPLATE_NAME = CAMERA_NAME
-VAR_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 MAX_VAR_CHARS = 200
 MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 100_000
@@ -74,15 +73,6 @@ class Topics:
     def shared_fleet_request(self, group: str) -> str:
         """The shared subscription: the broker hands each fleet request to one group member."""
         return f"$share/{group}/{self.fleet_request}"
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """A prompt named in the settings; requests fill its `{name}` fields from `vars`."""
-
-    text: str
-    system: str | None = None
-    max_tokens: int | None = None  # default and cap of the request's max_tokens
 
 
 @dataclass(frozen=True)
@@ -202,41 +192,12 @@ def _messages(obj: dict[str, Any]) -> tuple[dict[str, str], ...]:
     return tuple(history)
 
 
-def template_fields(text: str) -> tuple[str, ...]:
-    """The field names of a template, in order. Only plain `{name}` fields: no positional or
-    empty fields, no attribute or index access, no conversion, no format spec (ValueError)."""
-    names: list[str] = []
-    try:
-        parts = list(string.Formatter().parse(text))
-    except ValueError as exc:  # a lone '{' or '}'
-        raise ValueError(f"{exc} (write '{{{{' and '}}}}' for braces)") from None
-    for _, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if not VAR_NAME.match(name) or spec or conversion:
-            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
-            raise ValueError(f"field {{{shown}}} is not a plain {{name}} of [a-z_][a-z0-9_]*")
-        names.append(name)
-    return tuple(names)
-
-
-def render_template(text: str, values: Mapping[str, str]) -> str:
-    """Substitutes each field by its value, as plain text: values are never formatted or
-    expanded again, so a value holding `{x}` stays `{x}`."""
-    out: list[str] = []
-    for literal, name, _, _ in string.Formatter().parse(text):
-        out.append(literal)
-        if name is not None:
-            out.append(values[name])
-    return "".join(out)
-
-
 def _template_vars(obj: dict[str, Any]) -> dict[str, str]:
     values = obj.get("vars", {})
     if not isinstance(values, dict):
         raise BadRequest(f"'vars' must be an object of strings, got {json_type(values)}")
     for key, value in values.items():
-        if not VAR_NAME.match(key):
+        if not VAR_NAME.fullmatch(key):
             raise BadRequest(f"vars name {key[:64]!r} must match [a-z_][a-z0-9_]*")
         if not isinstance(value, str):
             raise BadRequest(f"vars.{key} must be a string, got {json_type(value)}")
@@ -253,7 +214,7 @@ def _from_template(obj: dict[str, Any], templates: Mapping[str, PromptTemplate]
     if not isinstance(name, str):
         raise BadRequest(f"'template' must be a string, got {json_type(name)}")
     # Names come only from settings, like cameras.
-    template = templates.get(name) if TEMPLATE_NAME.match(name) else None
+    template = templates.get(name) if TEMPLATE_NAME.fullmatch(name) else None
     if template is None:
         raise BadRequest(f"unknown template {name[:64]!r}"
                          + (f"; configured: {', '.join(sorted(templates))}" if templates else "; none configured"))
@@ -332,7 +293,7 @@ def _camera_list(obj: dict[str, Any], names: frozenset[str]) -> tuple[str, ...]:
         raise BadRequest("'camera' must be a camera name or a non-empty array of names")
     for name in cameras:
         # Names come only from settings; anything path-like is refused before any lookup.
-        if not CAMERA_NAME.match(name) or name not in names:
+        if not CAMERA_NAME.fullmatch(name) or name not in names:
             raise BadRequest(f"unknown camera {name[:64]!r}"
                              + (f"; configured: {', '.join(sorted(names))}" if names else "; none configured"))
     if len(set(cameras)) != len(cameras):

@@ -24,7 +24,7 @@ else:  # JetPack 6 ships Python 3.10
 
 from edge_agent.catalog import is_catalog_name
 from edge_agent.errors import ConfigError
-from edge_agent.protocol import template_fields
+from edge_agent.prompts import template_fields
 
 ENV_PREFIX = "EDGE_AGENT_"
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
@@ -46,7 +46,7 @@ def _default_device_id() -> str:
 
 
 def _check_segment(value: str, what: str) -> str:
-    if not TOPIC_SEGMENT.match(value):
+    if not TOPIC_SEGMENT.fullmatch(value):  # not match: "$" also matches before a final newline
         raise ValueError(f"{what} must be 1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit (no '/', '+', '#', '$')")
     return value
 

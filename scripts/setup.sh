@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what edge-agent's demo and tests need on a fresh Debian/Ubuntu machine:
-# system packages (mosquitto, ffmpeg, systemd-analyze, python venv), a venv in .venv, the package and its extras.
+# system packages (mosquitto, ffmpeg, systemd-analyze, strace, python venv), a venv in .venv, the package and its extras.
 # Idempotent: each step is skipped when already done. Sourced by demo.sh and test.sh.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,6 +11,8 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
+# strace shows that no request field reaches the file system (tests/test_hostile.py).
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)
 # systemd-analyze checks the unit (verify, security score); the package does not boot anything.
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)

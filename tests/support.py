@@ -70,10 +70,12 @@ class Broker:
 
     `tls`: a second listener on `tls_port` with certificates made now (`pki`);
     `require_certificate`: that listener wants a client certificate (mutual TLS);
-    `users`: name → password, and anonymous clients are refused on every listener."""
+    `users`: name → password, and anonymous clients are refused on every listener;
+    `acl`: the text of an ACL file (`acl_file`); `extra`: more mosquitto.conf lines."""
 
     def __init__(self, persistence: bool = False, *, tls: bool = False,
-                 require_certificate: bool = False, users: dict[str, str] | None = None) -> None:
+                 require_certificate: bool = False, users: dict[str, str] | None = None,
+                 acl: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         # mosquitto run as root drops to its own user: the folder must be readable/writable by it.
         self.dir = Path(tempfile.mkdtemp(prefix="mosq-"))
@@ -84,6 +86,11 @@ class Broker:
             lines += ["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
         if users:
             lines.append(f"password_file {self._password_file(users)}")
+        if acl is not None:
+            (self.dir / "acl").write_text(acl)
+            (self.dir / "acl").chmod(0o644)
+            lines.append(f"acl_file {self.dir / 'acl'}")
+        lines += extra
         self.tls_port: int | None = None
         self.pki: Pki | None = None
         if tls:

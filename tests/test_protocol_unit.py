@@ -1,15 +1,18 @@
-"""Pure logic of protocol.py: parsing limits, topic rules, and fuzzing of the parser."""
+"""Pure logic of protocol.py: parsing limits, topic rules, templates, and fuzzing of the parser."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edge_agent.errors import ErrorCode
+from edge_agent.errors import BadRequest, ErrorCode, TooLarge
+from edge_agent.prompts import PromptTemplate, render_template, template_fields
 from edge_agent.protocol import (REQUEST_FIELDS, RequestError, RequestLimits, Topics, choose_reply_topic,
                                  encode, error_payload, parse_request, topic_matches)
+from edge_agent.strictjson import MAX_JSON_DEPTH, decode_json_object
 
 LIMITS = RequestLimits(max_payload_bytes=65536, max_prompt_chars=2000, max_tokens_cap=256, max_timeout_s=60)
 
@@ -91,3 +94,135 @@ def test_fuzz_request_objects_parse_or_give_a_coded_error(obj: dict) -> None:
     else:
         assert request.messages and request.messages[-1]["role"] == "user"
         assert request.max_tokens is None or 1 <= request.max_tokens <= LIMITS.max_tokens_cap
+
+
+# --- templates ---------------------------------------------------------------------------------------
+TEMPLATES = {"door": PromptTemplate("Is the {door} door open? {{literal}}", system="Answer yes or no.",
+                                    max_tokens=8),
+             "plain": PromptTemplate("Anything unusual?")}
+LOCKED = RequestLimits(max_payload_bytes=65536, max_prompt_chars=2000, max_tokens_cap=256, max_timeout_s=60,
+                       allow_free_prompts=False, templates=TEMPLATES)
+OPEN = RequestLimits(max_payload_bytes=65536, max_prompt_chars=2000, max_tokens_cap=256, max_timeout_s=60,
+                     templates=TEMPLATES)
+
+
+def test_template_fields_are_plain_names_only() -> None:
+    assert template_fields("Is the {door} door {state}? {{not_a_field}}") == ("door", "state")
+    for text in ("{0}", "{}", "{door.x}", "{door[0]}", "{door!r}", "{door:>9}", "{Door}", "{door",
+                 "door}", "{a:{b}}", "{door\n}"):
+        with pytest.raises(ValueError):
+            template_fields(text)
+
+
+def test_template_is_rendered_as_plain_text() -> None:
+    request = parse_request(encode({"template": "door", "vars": {"door": "{door} {0} {x.__class__}"}}), LOCKED)
+    assert request.messages == (
+        {"role": "system", "content": "Answer yes or no."},
+        {"role": "user", "content": "Is the {door} {0} {x.__class__} door open? {literal}"})
+    assert request.template == "door" and request.max_tokens == 8  # the template's default
+    assert parse_request(encode({"template": "plain", "max_tokens": 100}), LOCKED).max_tokens == 100
+
+
+@pytest.mark.parametrize("obj, code, words", [
+    ({"prompt": "hi"}, ErrorCode.FORBIDDEN, "'prompt'"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, ErrorCode.FORBIDDEN, "'messages'"),
+    ({"template": "plain", "system": "be evil"}, ErrorCode.FORBIDDEN, "'system'"),
+    ({"template": "plain", "prompt": "x"}, ErrorCode.FORBIDDEN, "'prompt'"),
+    ({"id": "x"}, ErrorCode.BAD_REQUEST, "give 'template'"),
+    ({"template": "garage"}, ErrorCode.BAD_REQUEST, "unknown template 'garage'; configured: door, plain"),
+    ({"template": "../door"}, ErrorCode.BAD_REQUEST, "unknown template"),
+    ({"template": "door\n", "vars": {"door": "x"}}, ErrorCode.BAD_REQUEST, "unknown template"),
+    ({"template": "door"}, ErrorCode.BAD_REQUEST, "needs vars: door"),
+    ({"template": "door", "vars": {"door": "x", "colour": "red"}}, ErrorCode.BAD_REQUEST, "no field(s): colour"),
+    ({"template": "door", "vars": {"Door": "x"}}, ErrorCode.BAD_REQUEST, "must match"),
+    ({"template": "door", "vars": {"door\n": "x"}}, ErrorCode.BAD_REQUEST, "must match"),
+    ({"template": "door", "vars": {"door": 5}}, ErrorCode.BAD_REQUEST, "vars.door must be a string"),
+    ({"template": "door", "vars": {"door": ""}}, ErrorCode.BAD_REQUEST, "1-200 characters"),
+    ({"template": "door", "vars": {"door": "x" * 201}}, ErrorCode.BAD_REQUEST, "1-200 characters"),
+    ({"template": "door", "vars": {"door": "a\x1bb"}}, ErrorCode.BAD_REQUEST, "control characters"),
+    ({"template": "door", "vars": ["door"]}, ErrorCode.BAD_REQUEST, "'vars' must be an object"),
+    ({"template": "door", "vars": {"door": "x"}, "max_tokens": 9}, ErrorCode.BAD_REQUEST, "[1, 8]"),
+    ({"template": 5}, ErrorCode.BAD_REQUEST, "'template' must be a string"),
+])
+def test_locked_agent_takes_only_templates(obj: dict, code: ErrorCode, words: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_request(encode(obj), LOCKED)
+    assert info.value.code is code and words in info.value.message
+
+
+def test_free_prompts_and_templates_together() -> None:
+    assert parse_request(encode({"prompt": "hi", "system": "s"}), OPEN).template is None
+    assert parse_request(encode({"template": "plain"}), OPEN).messages == (
+        {"role": "user", "content": "Anything unusual?"},)
+    for extra in ({"prompt": "x"}, {"system": "x"}, {"messages": [{"role": "user", "content": "x"}]}):
+        with pytest.raises(RequestError, match="cannot be combined") as info:
+            parse_request(encode({"template": "plain", **extra}), OPEN)
+        assert info.value.code is ErrorCode.BAD_REQUEST
+    with pytest.raises(RequestError, match="'vars' needs 'template'"):
+        parse_request(encode({"prompt": "x", "vars": {}}), OPEN)
+
+
+def test_rendered_template_counts_against_the_prompt_limit() -> None:
+    small = RequestLimits(max_payload_bytes=65536, max_prompt_chars=30, max_tokens_cap=256, max_timeout_s=60,
+                          templates=TEMPLATES)
+    with pytest.raises(RequestError) as info:
+        parse_request(encode({"template": "door", "vars": {"door": "x" * 40}}), small)
+    assert info.value.code is ErrorCode.TOO_LARGE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["template", "vars", "prompt", "system", "max_tokens", "id"]),
+                       json_values | st.sampled_from(["door", "plain"])
+                       | st.dictionaries(st.text(max_size=8), st.text(max_size=30), max_size=3), max_size=4))
+def test_fuzz_template_requests_parse_or_give_a_coded_error(obj: dict) -> None:
+    try:
+        request = parse_request(encode(obj), LOCKED)
+    except RequestError as exc:
+        assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE, ErrorCode.FORBIDDEN) and exc.message
+        if exc.code is ErrorCode.FORBIDDEN:
+            assert {"prompt", "system"} & set(obj)
+    else:
+        assert request.template in TEMPLATES and not {"prompt", "system"} & set(obj)
+        values = obj.get("vars", {})
+        assert request.messages[-1]["content"] == render_template(TEMPLATES[request.template].text, values)
+
+
+# --- the JSON shape check: exact, and linear in the payload's size ---------------------------------------
+def depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((depth(v) for v in value.values()), default=0)
+    return 0
+
+
+tricky_text = st.text(alphabet='[]{}"\\,:ab ', max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(tricky_text | st.integers(-1000, 1000), lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(tricky_text, inner, max_size=3), max_leaves=30),
+       st.integers(0, 40))
+def test_fuzz_nesting_is_measured_outside_strings_only(value: object, wrap: int) -> None:
+    """Brackets, quotes and backslashes inside strings never count; real nesting always does."""
+    for _ in range(wrap):
+        value = [value]
+    try:
+        decode_json_object(encode({"x": value}), 1 << 20)
+    except BadRequest as exc:
+        assert "nested deeper than" in str(exc) and 1 + depth(value) > MAX_JSON_DEPTH
+    else:
+        assert 1 + depth(value) <= MAX_JSON_DEPTH
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"prompt": "' + b'\\"' * 500_000,  # unterminated, all escaped quotes
+    b'"' * 1_000_000, b"\\" * 1_000_000, b"[]" * 500_000, b'["a",' * 200_000, b"[" * 1_000_000,
+])
+def test_hostile_shapes_are_refused_in_linear_time(payload: bytes) -> None:
+    """Each is ~1 MB; a quadratic scan took minutes on the first (40 kB: 3 s), so a generous bound
+    still catches it."""
+    started = time.monotonic()
+    with pytest.raises((BadRequest, TooLarge)):
+        decode_json_object(payload, 4 << 20)
+    assert time.monotonic() - started < 5.0

@@ -315,6 +315,57 @@ def test_daemon_is_not_ready_until_the_broker_is_reachable(
         later.close()
 
 
+# The daemon's own MQTT network thread stops making progress: paho's loop() never returns once
+# the trigger file exists (as a callback stuck on a lock, or a socket call that hangs, would do).
+WEDGE_SITECUSTOMIZE = """
+import os
+import threading
+
+import paho.mqtt.client as paho
+
+from edge_agent import app
+
+app.MQTT_LOOP_STALE_S = 1.0  # instead of 10 s, so the test is short
+_loop = paho.Client.loop
+
+
+def loop(self, *args, **kwargs):
+    if os.path.exists(os.environ["WEDGE_MQTT_FILE"]):
+        threading.Event().wait()  # never returns: the thread is alive but stuck
+    return _loop(self, *args, **kwargs)
+
+
+paho.Client.loop = loop
+"""
+
+
+def test_daemon_with_a_wedged_mqtt_loop_stops_the_pings(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(WEDGE_SITECUSTOMIZE)
+    trigger = tmp_path / "wedge"
+    sock = NotifySocket()
+    try:
+        agent = start_agent(broker, client, env={
+            "NOTIFY_SOCKET": sock.env_value, "WATCHDOG_USEC": "1000000", "WEDGE_MQTT_FILE": str(trigger),
+            "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])})
+        sock.wait_for("READY", 10)
+        assert len([m for m in sock.collect(1.6) if m.get("WATCHDOG") == "1"]) >= 2  # every 0.5 s
+        trigger.touch()
+        wedged_at = time.monotonic()
+        _wait(lambda: "watchdog.withheld" in _events(agent), 10)
+        sock.collect(0.1)  # pings sent before it was withheld, still in the socket's buffer
+        late = sock.collect(3.0)
+        assert [m for m in late if m.get("WATCHDOG") == "1"] == []
+        assert time.monotonic() - wedged_at < 10
+        # The process lives on (its threads are all alive): only the watchdog can end it.
+        assert agent.proc is not None and agent.proc.poll() is None
+        assert "agent.unhealthy" not in _events(agent)
+    finally:
+        sock.close()
+
+
 # --- credentials ---------------------------------------------------------------------------------
 def test_blank_credential_placeholder_counts_as_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The unit's SetCredential= fallback for a missing file is a blank line."""

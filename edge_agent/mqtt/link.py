@@ -54,6 +54,7 @@ class BrokerLink:
         self._stopping = threading.Event()
         self._closing = threading.Event()  # disconnect asked: keep looping, never reconnect
         self._subscribed = False
+        self._subscription_lock = threading.Lock()
         self._thread = threading.Thread(target=self._network_loop, name="mqtt", daemon=True)
         self.last_loop_at = time.monotonic()
 
@@ -102,12 +103,13 @@ class BrokerLink:
         `keep_session`: going away for a restart: leave the pool (the others take its share)
         but keep the device's own subscription in the broker session, so requests sent
         meanwhile wait for us instead of going nowhere."""
-        self._subscribed = accept
-        if not self._connected.is_set():
-            return
-        if accept:
-            self._subscribe(self._client)
-            return
+        with self._subscription_lock:  # either this or the next on_connect subscribes
+            self._subscribed = accept
+            if not self._connected.is_set():
+                return
+            if accept:
+                self._subscribe(self._client)
+                return
         keep = keep_session and self._settings.session_expiry_s > 0
         topics = [t for t in self._request_topics if t == self._shared_topic] if keep else self._request_topics
         if topics:
@@ -211,14 +213,18 @@ class BrokerLink:
             if reason.is_failure:
                 log.error("mqtt.refused", reason=str(reason))
                 return
-            self._connected.set()
+            # SUBSCRIBE goes out before anything published once `connected` reads True: the
+            # broker handles a connection's packets in order, so no one sees our `ready`
+            # status before our subscription exists (a request sent on seeing it would be lost).
+            with self._subscription_lock:
+                if self._subscribed:
+                    self._subscribe(client)
+                self._connected.set()
             log.info("mqtt.connected", host=self._settings.host, port=self._settings.port,
                      protocol=self._settings.protocol, tls=self._settings.tls is not None)
             if self._shared_topic and getattr(properties, "SharedSubscriptionAvailable", 1) == 0:
                 log.error("mqtt.shared_unavailable", topic=self._shared_topic,
                           reason="the broker says it has no shared subscriptions")
-            if self._subscribed:
-                self._subscribe(client)
             self._on_connected()
         except Exception:  # noqa: BLE001 - must never escape into paho's thread
             log.exception("mqtt.on_connect_failed")
@@ -246,6 +252,9 @@ class BrokerLink:
         log.info("mqtt.disconnected", reason=str(reason))
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        # One loop() call may handle a long burst of requests (seconds, under overload): each
+        # one handled is progress too, or the watchdog pings would stop for a busy, healthy loop.
+        self.last_loop_at = time.monotonic()
         try:
             self._on_message(incoming(message))
         except Exception:  # noqa: BLE001 - must never escape into paho's thread
