@@ -51,6 +51,13 @@ def _check_segment(value: str, what: str) -> str:
     return value
 
 
+def _check_names(table: dict[str, Any], what: str) -> dict[str, Any]:
+    """Names of [<section>.<name>] tables: requests name them, so no paths and no wildcards."""
+    for name in table:
+        _check_segment(name, f"{what} name {name!r}")
+    return table
+
+
 class TlsSettings(_Strict):
     ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate")
     cert_file: Path | None = Field(None, description="client certificate, for mutual TLS")
@@ -168,9 +175,7 @@ class PromptSettings(_Strict):
     @field_validator("templates")
     @classmethod
     def _template_names(cls, value: dict[str, TemplateSettings]) -> dict[str, TemplateSettings]:
-        for name in value:
-            _check_segment(name, f"template name {name!r}")
-        return value
+        return _check_names(value, "template")
 
     @model_validator(mode="after")
     def _something_allowed(self) -> PromptSettings:
@@ -210,9 +215,7 @@ class Settings(BaseSettings):
     @field_validator("cameras")
     @classmethod
     def _camera_names(cls, value: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
-        for name in value:
-            _check_segment(name, f"camera name {name!r}")
-        return value
+        return _check_names(value, "camera")
 
     @model_validator(mode="after")
     def _template_tokens_within_cap(self) -> Settings:
