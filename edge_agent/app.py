@@ -49,7 +49,7 @@ class Agent:
         self.handler: RequestHandler | None = None
         self.scheduler: Scheduler | None = None
         self.store = open_store(settings)
-        self.delivery = Delivery(self.store, lambda: self.link)
+        self.delivery = Delivery(self.store, lambda: self.link, lambda: self.settings.delivery.answer_qos)
         self.link = self._new_link(settings, self.topics)
         self._early_lock = threading.Lock()
         self._early: list[Incoming] | None = []  # delivered before the worker runs; None after
@@ -245,6 +245,7 @@ class Agent:
         return BrokerLink(settings.mqtt, settings.client_id, request_topic=topics.request,
                           will_topic=topics.status, will_payload=self.status.offline_payload(),
                           on_message=self._on_message, on_connected=self._on_connected,
+                          receive_maximum=settings.mqtt.receive_maximum or settings.limits.queue_size + 32,
                           shared_topic=topics.shared_fleet_request(settings.mqtt.shared_group)
                           if settings.mqtt.shared_group else None)
 

@@ -2,8 +2,9 @@
 
 - A request is acknowledged to the broker (PUBACK) only once its answer is stored on disk, so a
   crash before that makes the broker deliver it again (persistent session).
-- Every answer goes through the outbox: stored, then published; the row goes when the broker's
-  PUBACK for the answer arrives. What is left at start-up is published again, oldest first.
+- Every answer goes through the outbox: stored, then published (QoS 2 by default: the broker
+  takes it once even if the link drops mid-handshake); the row goes when the broker confirms it
+  (PUBACK, or PUBCOMP for QoS 2). What is left at start-up is published again, oldest first.
 - A request id seen within the window is not run again: a redelivery of a request in progress
   waits for that answer; a re-send of an answered one gets the stored answer again, unless
   that answer is on its way already (published on the current link, no PUBACK yet).
@@ -24,9 +25,11 @@ NEW, DUPLICATE = "new", "duplicate"
 
 
 class Delivery:
-    def __init__(self, store: Store, link: Callable[[], BrokerLink]) -> None:
+    def __init__(self, store: Store, link: Callable[[], BrokerLink],
+                 answer_qos: Callable[[], int] = lambda: 2) -> None:
         self._store = store
-        self._link = link  # a getter: a reload may swap the link
+        self._link = link  # getters: a reload may swap the link or change the QoS
+        self._answer_qos = answer_qos
         self._lock = threading.Lock()
         self._waiting: dict[str, list[Incoming]] = {}  # request id -> deliveries to acknowledge
         self._unacked: dict[int, BrokerLink] = {}  # outbox row -> the link it was published on
@@ -45,10 +48,18 @@ class Delivery:
             if isinstance(seen, SeenAnswer):
                 if self._on_its_way(seen):
                     # The broker redelivers a request whose PUBACK it lost (a restart, a dropped
-                    # link) while the answer waits for its own PUBACK; paho sends that answer
-                    # again after reconnecting. Publishing it once more would reach the asker
-                    # twice: acknowledge only.
+                    # link) while the answer waits for its own confirmation; paho sends that
+                    # answer again after reconnecting. Publishing it once more would reach the
+                    # asker twice: acknowledge only.
                     log.info("request.duplicate", answered=True, answer_on_its_way=True)
+                    self._link().ack(message)
+                    return DUPLICATE
+                if message.dup and not self._in_outbox(seen):
+                    # The broker's own re-send (DUP) of a request whose answer it confirmed: a
+                    # broker that came back from an older save. It got that answer after the
+                    # request; if it lost it too, the asker re-sends (a fresh publish) and gets
+                    # it then. Publishing now would mostly give the asker a second copy.
+                    log.info("request.duplicate", answered=True, answer_confirmed=True)
                     self._link().ack(message)
                     return DUPLICATE
                 log.info("request.duplicate", answered=True)
@@ -101,10 +112,14 @@ class Delivery:
         return any(self._unacked.get(row) is link
                    for row in self._store.outbox_rows(seen.topic, seen.payload, seen.correlation))
 
+    def _in_outbox(self, seen: SeenAnswer) -> bool:
+        return bool(self._store.outbox_rows(seen.topic, seen.payload, seen.correlation))
+
     def _publish(self, topic: str, payload: bytes, correlation: bytes | None, row: int) -> None:
         link = self._link()
         self._unacked[row] = link
-        link.publish(topic, payload, correlation_data=correlation, on_acked=lambda: self._acked(row))
+        link.publish(topic, payload, correlation_data=correlation, qos=self._answer_qos(),
+                     on_acked=lambda: self._acked(row))
 
     def _acked(self, row: int) -> None:
         self._unacked.pop(row, None)

@@ -80,6 +80,9 @@ class MqttSettings(_Strict):
                                   "our session and queued requests while we are away; 0 = clean session")
     shared_group: str | None = Field(None, description="also take requests from the MQTT 5 shared "
                                      "subscription $share/<group>/<prefix>/fleet/request")
+    receive_maximum: int | None = Field(None, ge=1, le=65535, description="MQTT 5: most requests the "
+                                        "broker may hand us unacknowledged; default queue_size + 32 (room "
+                                        "to answer `busy` to the excess; a backlog comes paced, not at once)")
     reconnect_min_s: float = Field(1.0, gt=0, le=60, description="first reconnect delay")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="reconnect delay cap")
 
@@ -142,6 +145,8 @@ class DeliverySettings(_Strict):
     outbox_max_items: int = Field(10000, ge=1, description="answers kept on disk until the broker has them")
     outbox_max_age_s: float = Field(86400.0, gt=0, description="older unsent answers are dropped (counted)")
     dedup_window_s: float = Field(3600.0, ge=0, description="a request id seen this recently is not run again")
+    answer_qos: Literal[1, 2] = Field(2, description="QoS of answers: 2 = no copies on a hop whose both "
+                                      "ends keep their state; 1 for brokers without QoS 2 (AWS IoT Core)")
 
 
 class LimitsSettings(_Strict):

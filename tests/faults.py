@@ -91,7 +91,7 @@ class Pipeline:
         # Subscribe on every connect: a broker killed within its autosave interval of our
         # first SUBSCRIBE comes back without it. Re-subscribing a kept session is harmless.
         if not reason.is_failure:
-            client.subscribe(self.response_topic, qos=1)
+            client.subscribe(self.response_topic, qos=2)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         if message.topic != self.response_topic:

@@ -36,7 +36,7 @@ def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[
             refused.append(str(reason))
             subscribed.set()
         else:
-            c.subscribe(reply_topic, qos=1)
+            c.subscribe(reply_topic, qos=2)
 
     def on_message(c: paho.Client, u: Any, message: paho.MQTTMessage) -> None:
         data = incoming(message)

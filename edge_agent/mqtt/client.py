@@ -32,6 +32,7 @@ class Incoming:
     expiry_s: int | None = None
     mid: int = 0  # packet id, for the acknowledgement we send once the answer is safe
     qos: int = 0
+    dup: bool = False  # the broker handed us this one before (it never saw our PUBACK)
 
 
 def new_client(settings: MqttSettings, client_id: str, *, persistent: bool = False) -> paho.Client:
@@ -99,6 +100,6 @@ def incoming(message: paho.MQTTMessage) -> Incoming:
     correlation = getattr(props, "CorrelationData", None) if props else None
     expiry = getattr(props, "MessageExpiryInterval", None) if props else None
     return Incoming(message.topic, bytes(message.payload), response_topic, correlation, expiry,
-                    message.mid, message.qos)
+                    message.mid, message.qos, bool(message.dup))
 
 

@@ -31,8 +31,10 @@ class BrokerLink:
 
     def __init__(self, settings: MqttSettings, client_id: str, *, request_topic: str,
                  will_topic: str, will_payload: bytes, on_message: Callable[[Incoming], None],
-                 on_connected: Callable[[], None], shared_topic: str | None = None) -> None:
+                 on_connected: Callable[[], None], shared_topic: str | None = None,
+                 receive_maximum: int = 65535) -> None:
         self._settings = settings
+        self._receive_maximum = receive_maximum
         self._request_topics = [t for t in (request_topic, shared_topic) if t]
         self._shared_topic = shared_topic
         self._on_message = on_message
@@ -65,6 +67,9 @@ class BrokerLink:
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self._settings.session_expiry_s
+            # Without it MQTT 5 means 65535: after an outage mosquitto hands us its whole backlog
+            # at once, whatever its max_inflight_messages says.
+            props.ReceiveMaximum = self._receive_maximum
             clean_start = self._settings.session_expiry_s == 0
         self._client.connect_async(self._settings.host, self._settings.port, self._settings.keepalive,
                                    clean_start=clean_start if self._v5 else 3, properties=props)
@@ -121,8 +126,8 @@ class BrokerLink:
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                 correlation_data: bytes | None = None, qos: int = 1,
                 on_acked: Callable[[], None] | None = None) -> paho.MQTTMessageInfo:
-        """QoS 1 (default): paho queues it while disconnected and sends it after reconnect;
-        `on_acked` runs on the network thread when the broker's PUBACK arrives.
+        """QoS 1 (default) and 2: paho queues it while disconnected and sends it after reconnect;
+        `on_acked` runs on the network thread when the broker's PUBACK (QoS 2: PUBCOMP) arrives.
         QoS 0 is dropped while disconnected: for data that is stale by the time we are back."""
         props = None
         if self._v5 and correlation_data is not None:

@@ -1,0 +1,91 @@
+"""Delivery's decisions for a request id seen again, with a recording stand-in for the broker
+link (what it acknowledges and publishes) and a real SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from edge_agent.delivery import DUPLICATE, NEW, Delivery
+from edge_agent.mqtt import Incoming
+from edge_agent.store import Store
+
+
+class RecordingLink:
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+        self.published: list[tuple[str, bytes, int]] = []
+        self._confirm: list[Callable[[], None]] = []
+
+    def ack(self, message: Incoming) -> None:
+        self.acked.append(message.mid)
+
+    def publish(self, topic: str, payload: bytes, *, correlation_data: bytes | None = None,
+                qos: int = 1, on_acked: Callable[[], None] | None = None) -> None:
+        self.published.append((topic, payload, qos))
+        if on_acked is not None:
+            self._confirm.append(on_acked)
+
+    def confirm_all(self) -> None:  # the broker's PUBCOMPs arrive
+        for callback in self._confirm:
+            callback()
+        self._confirm.clear()
+
+
+def request(mid: int, *, dup: bool = False) -> Incoming:
+    return Incoming("p/dev/request", b"{}", mid=mid, qos=1, dup=dup)
+
+
+def answered_once(tmp_path: Path) -> tuple[Delivery, RecordingLink, Store]:
+    store = Store(tmp_path / "state.db", outbox_max_items=100, outbox_max_age_s=3600, dedup_window_s=600)
+    link = RecordingLink()
+    delivery = Delivery(store, lambda: link, lambda: 2)  # type: ignore[arg-type,return-value]
+    assert delivery.admit("r1", True, request(1)) == NEW
+    delivery.answer("r1", True, "p/dev/response", b"answer", None, request(1))
+    assert link.acked == [1] and link.published == [("p/dev/response", b"answer", 2)]
+    return delivery, link, store
+
+
+def test_a_resent_request_gets_the_stored_answer_again(tmp_path: Path) -> None:
+    delivery, link, _ = answered_once(tmp_path)
+    link.confirm_all()
+    assert delivery.admit("r1", True, request(2)) == DUPLICATE  # a fresh publish: no DUP flag
+    assert link.acked == [1, 2] and [p for _, p, _ in link.published] == [b"answer", b"answer"]
+
+
+def test_broker_resend_of_a_confirmed_answer_is_only_acknowledged(tmp_path: Path) -> None:
+    """A broker back from an older save hands the request again (DUP): the answer it confirmed
+    is not published a second time."""
+    delivery, link, store = answered_once(tmp_path)
+    link.confirm_all()
+    assert store.outbox_size() == 0
+    assert delivery.admit("r1", True, request(7, dup=True)) == DUPLICATE
+    assert link.acked == [1, 7] and len(link.published) == 1
+
+
+def test_broker_resend_while_the_answer_is_unconfirmed_waits_for_it(tmp_path: Path) -> None:
+    delivery, link, _ = answered_once(tmp_path)  # no PUBCOMP yet: paho sends it again
+    assert delivery.admit("r1", True, request(8, dup=True)) == DUPLICATE
+    assert link.acked == [1, 8] and len(link.published) == 1
+
+
+def test_broker_resend_after_a_restart_publishes_an_answer_left_in_the_outbox(tmp_path: Path) -> None:
+    """The previous process stored the answer but never saw it confirmed, and this process has
+    not published it yet: publish it (the broker may never have had it)."""
+    _, _, store = answered_once(tmp_path)
+    store.close()
+    store = Store(tmp_path / "state.db", outbox_max_items=100, outbox_max_age_s=3600, dedup_window_s=600)
+    fresh_link = RecordingLink()
+    restarted = Delivery(store, lambda: fresh_link, lambda: 1)  # type: ignore[arg-type,return-value]
+    assert restarted.admit("r1", True, request(3, dup=True)) == DUPLICATE
+    assert fresh_link.acked == [3] and fresh_link.published == [("p/dev/response", b"answer", 1)]
+
+
+def test_answer_qos_follows_the_setting(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db", outbox_max_items=100, outbox_max_age_s=3600, dedup_window_s=600)
+    link, qos = RecordingLink(), [1]
+    delivery = Delivery(store, lambda: link, lambda: qos[0])  # type: ignore[arg-type,return-value]
+    delivery.answer("a", True, "t", b"x", None, request(1))
+    qos[0] = 2
+    delivery.answer("b", True, "t", b"y", None, request(2))
+    assert [q for _, _, q in link.published] == [1, 2]
