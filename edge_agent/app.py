@@ -12,7 +12,7 @@ from edge_agent import log as logging_setup
 from edge_agent.errors import AgentError, ErrorCode, Unavailable
 from edge_agent.handler import Job, RequestHandler
 from edge_agent.catalog import is_catalog_name, resolve_model_path
-from edge_agent.inference import GenerationParams, OrtGenaiEngine
+from edge_agent.inference import EngineProcess, GenerationParams
 from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
@@ -89,6 +89,7 @@ class Agent:
                 self._reply_error(job.reply_topic, job.request, Unavailable("the agent is stopping"),
                                   job.message)
         self.cameras.stop_all()
+        self.engine.close()
         offline = self.status.set("offline")
         if not self.link.publish_and_wait(self.topics.status, offline, retain=True):
             log.warning("status.offline_not_acknowledged")
@@ -106,11 +107,17 @@ class Agent:
         engine = None
         if MODEL in parts:
             engine = make_engine(new)
-            engine.load()  # requests keep running on the old model meanwhile
-            self._warm_up(engine, new)
+            try:
+                engine.load()  # requests keep running on the old model meanwhile
+                self._warm_up(engine, new)
+            except BaseException:
+                engine.close()
+                raise
         old_settings, self.settings, self.limits = self.settings, new, request_limits(new)
         if engine is not None:
-            self.engine = engine
+            old_engine, self.engine = self.engine, engine
+            # Its process ends once the request running on it (if any) is done.
+            threading.Thread(target=old_engine.close, name="engine-close", daemon=True).start()
             self.status.set(self.status.state, model=engine.name, provider=engine.provider,
                             provider_reason=engine.provider_reason)
         self.handler = self._new_handler()  # the running job finishes on the handler it has
@@ -255,7 +262,7 @@ class Agent:
                               on_generated=lambda done: self.stats.requests.decoded(done.tokens_per_s))
 
     @staticmethod
-    def _warm_up(engine: OrtGenaiEngine, settings: Settings) -> None:
+    def _warm_up(engine: EngineProcess, settings: Settings) -> None:
         if settings.model.warmup:
             warm = engine.warm_up()
             log.info("model.warmed_up", model=engine.name, ms=round(warm.generate_ms, 1))
@@ -312,9 +319,10 @@ def request_limits(settings: Settings) -> RequestLimits:
                          settings.prompts.allow_free_prompts, templates)
 
 
-def make_engine(settings: Settings) -> OrtGenaiEngine:
+def make_engine(settings: Settings) -> EngineProcess:
     model = settings.model
-    engine = OrtGenaiEngine(resolve_model_path(settings), model.provider, model.fallback, model.provider_options)
+    engine = EngineProcess(resolve_model_path(settings), model.provider, model.fallback, model.provider_options,
+                           log_level=settings.log_level, log_format=settings.log_format)
     if is_catalog_name(str(model.path)):
         engine.name = str(model.path)  # answers say "phi-3.5-mini-instruct", not the variant folder
     return engine

@@ -214,6 +214,8 @@ def generate(self, messages, params, deadline=None, images=()):
     last = messages[-1]["content"] if messages else ""
     if "BOOM" in last:  # a bug in the inference path
         raise RuntimeError("injected fault")
+    if "CRASH" in last:  # the runtime ends the process (it does, on some inputs)
+        os._exit(3)
     if "SLOW" in last:  # a request that keeps the worker busy for a second
         time.sleep(1.0)
     return _generate(self, messages, params, deadline, images)
@@ -235,7 +237,8 @@ if _connack_delay:  # paho's private handler: touched only by the test that asks
 
 def fault_hooks_env(folder: Path, late_connack_s: float = 0.0) -> dict[str, str]:
     """Environment for an agent process that loads FAULT_HOOKS (written into `folder`):
-    prompts with BOOM raise in `generate`, with SLOW take a second more; `late_connack_s`
+    prompts with BOOM raise in `generate`, with CRASH end the process that runs it (the
+    inference child), with SLOW take a second more; `late_connack_s`
     delays paho's handling of every CONNACK (outside any callback, so the agent's other
     threads go on meanwhile)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,140 @@
+"""The model in a child process: real ORT GenAI in a real child, and the daemon around it.
+
+Why the child (remote.py): ORT GenAI keeps the GIL inside its calls, and ends its process on
+some inputs. A crash now costs the one request (`internal`) and a reload, never the daemon; a
+daemon killed with SIGKILL leaves no child behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from edge_agent.errors import ErrorCode, ModelLoadError, TooLarge
+from edge_agent.inference import EngineProcess, GenerationParams
+from faults import Pipeline, fault_hooks_env
+from support import AgentProcess, Broker, Client
+
+HELLO = ({"role": "user", "content": "Hello"},)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped) counts as gone
+    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def engine(tiny_model: Path) -> Iterator[EngineProcess]:
+    loaded = EngineProcess(tiny_model, "cpu")
+    loaded.load()
+    yield loaded
+    loaded.close()
+
+
+def test_generates_in_a_child_with_the_errors_of_the_engine(engine: EngineProcess) -> None:
+    assert engine.pid is not None and engine.pid != os.getpid() and alive(engine.pid)
+    assert engine.provider == "cpu" and engine.context_length
+    done = engine.generate(HELLO, GenerationParams(8))
+    assert done.completion_tokens + (done.finish_reason == "stop") >= 1 and done.generate_ms > 0
+    with pytest.raises(TooLarge):  # an AgentError raised in the child arrives as itself
+        engine.generate(({"role": "user", "content": "word " * 5000},), GenerationParams(4))
+    assert engine.generate(HELLO, GenerationParams(8)).text == done.text  # greedy: the same again
+
+
+def test_a_dead_child_fails_that_request_and_is_replaced(engine: EngineProcess) -> None:
+    first = engine.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(Exception) as failed:
+        engine.generate(HELLO, GenerationParams(4))
+    assert getattr(failed.value, "code", None) == ErrorCode.INTERNAL
+    assert "signal 9" in str(failed.value)
+    assert engine.pid not in (None, first) and engine.crashes == 1
+    assert engine.generate(HELLO, GenerationParams(4)).generate_ms > 0
+
+
+def test_close_ends_the_child(tiny_model: Path) -> None:
+    engine = EngineProcess(tiny_model, "cpu")
+    engine.load()
+    pid = engine.pid
+    assert pid is not None
+    engine.close()
+    assert wait_gone(pid, 5)
+    with pytest.raises(Exception) as refused:
+        engine.generate(HELLO, GenerationParams(4))
+    assert getattr(refused.value, "code", None) == ErrorCode.UNAVAILABLE
+
+
+def test_a_load_failure_is_a_model_load_error_and_leaves_no_child(tmp_path: Path, tiny_model: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "genai_config.json").write_text((tiny_model / "genai_config.json").read_text())
+    engine = EngineProcess(broken, "cpu", fallback=())
+    with pytest.raises(ModelLoadError):
+        engine.load()
+    assert engine.pid is None
+
+
+def test_a_crash_in_inference_is_answered_internal_and_the_daemon_goes_on(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """CRASH prompts end the inference process (a fault hook, as ORT GenAI does on some
+    inputs). Each of those is answered `internal`; every other request, before and after,
+    is answered; the daemon's pid and MQTT session stay the same."""
+    agent = start_agent(broker, client, env=fault_hooks_env(tmp_path / "hooks"), limits__queue_size=32)
+    pipeline = Pipeline(broker.port, agent.request_topic, agent.response_topic)
+    try:
+        ids = [f"c{i}" for i in range(12)]
+        crashing = {"c3", "c8"}
+        for rid in ids:
+            pipeline.send(rid, f"CRASH {rid}" if rid in crashing else f"fine {rid}")
+        pipeline.wait_answers(60)
+        pipeline.settle(0.5)
+        for rid in ids:
+            doc = pipeline.first_answer(rid)
+            if rid in crashing:
+                assert doc["ok"] is False and doc["error"]["code"] == "internal", doc
+                assert "inference process died (exit status 3)" in doc["error"]["message"], doc
+            else:
+                assert doc["ok"] is True, doc
+        assert pipeline.tally().answered == len(ids)
+    finally:
+        pipeline.close()
+    started = [line["pid"] for line in agent.log_lines() if line.get("event") == "inference.process_started"]
+    assert len(started) == 3 and len(set(started)) == 3  # the first, and one after each crash
+    assert sum(1 for line in agent.log_lines() if line.get("event") == "inference.process_died") == 2
+    assert agent.proc is not None and agent.proc.poll() is None
+    assert sum(1 for line in agent.log_lines() if line.get("event") == "mqtt.connected") == 1
+
+
+def test_a_killed_daemon_leaves_no_inference_process(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent(broker, client)
+    child = next(line["pid"] for line in agent.log_lines() if line.get("event") == "inference.process_started")
+    assert alive(child)
+    agent.stop(signal.SIGKILL)
+    assert wait_gone(child, 5)
+
+
+def test_a_stopped_daemon_ends_its_inference_process(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
+    agent = start_agent(broker, client)
+    child = next(line["pid"] for line in agent.log_lines() if line.get("event") == "inference.process_started")
+    assert agent.stop(signal.SIGTERM) == 0
+    assert not alive(child)  # ended before the daemon exited, not left to notice
