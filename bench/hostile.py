@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # reuse the tests' broker, agent process, client and cases
 
 from hostile import AGENT_SETTINGS, CAMERA, good_request, hostile_inputs  # noqa: E402
-from support import AgentProcess, Broker, Client, build_model  # noqa: E402
+from support import AgentProcess, Broker, Client, build_model, tree_rss_bytes  # noqa: E402
 from video import make_clip  # noqa: E402
 
 ANSWER_TIMEOUT_S = 60.0
@@ -46,10 +46,8 @@ def exchange(client: Client, agent: AgentProcess, payload: bytes, response_topic
 
 
 def rss_mib(pid: int, key: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The daemon and its inference process together."""
+    return tree_rss_bytes(pid, key) / 2**20
 
 
 def run(runs: int) -> dict[str, Any]:

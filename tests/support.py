@@ -325,3 +325,15 @@ def to_toml(data: dict[str, Any], table: str = "") -> str:
         if isinstance(sub, dict):
             out.append(to_toml(sub, f"{table}.{key}" if table else key))
     return "\n".join(out) + "\n"
+
+
+def tree_rss_bytes(pid: int, key: str = "VmRSS") -> int:
+    """Resident memory of a process and its children: the daemon and its inference process,
+    which holds the model. `key` VmHWM: each one's peak."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for member in [pid, *map(int, children)]:
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                total += int(line.split()[1]) * 1024
+    return total

@@ -24,7 +24,7 @@ import pytest
 
 from edge_agent.protocol import REQUEST_FIELDS
 from hostile import AGENT_SETTINGS, CAMERA, WRONG_TYPES, Hostile, good_request, hostile_inputs, new_id
-from support import ANSWER_TIMEOUT_S, READY_TIMEOUT_S, AgentProcess, Broker, Client, build_model
+from support import ANSWER_TIMEOUT_S, READY_TIMEOUT_S, AgentProcess, Broker, Client, build_model, tree_rss_bytes
 from video import make_clip
 
 ANSWER_BOUND_S = 5.0  # functional: an error comes back at once, never after a generation
@@ -88,13 +88,6 @@ def exchange(pipeline: Client, agent: AgentProcess, payload: bytes,
             return doc, time.monotonic() - started
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
 def test_the_catalogue_covers_the_issue() -> None:
     kinds = {case.kind for case in CASES}
     assert len(kinds) >= 25 and len(CASES) >= 150
@@ -126,7 +119,7 @@ def test_memory_stays_bounded(pipeline: Client, agent: AgentProcess) -> None:
     RSS_GROWTH_BOUND over what it had after answering a good request."""
     assert agent.proc is not None
     exchange(pipeline, agent, good_request(new_id()))
-    before = rss_bytes(agent.proc.pid)
+    before = tree_rss_bytes(agent.proc.pid)
     big = json.dumps({"prompt": "x" * 10_000_000}).encode()
     for case in hostile_inputs("-again"):
         exchange(pipeline, agent, case.payload, case.response_topic)
@@ -134,7 +127,7 @@ def test_memory_stays_bounded(pipeline: Client, agent: AgentProcess) -> None:
         assert exchange(pipeline, agent, big)[0]["error"]["code"] == "too_large"
     rid = new_id()
     assert exchange(pipeline, agent, good_request(rid))[0]["ok"]
-    grown = rss_bytes(agent.proc.pid) - before
+    grown = tree_rss_bytes(agent.proc.pid) - before
     print(f"RSS before {before / 2**20:.1f} MiB, grown by {grown / 2**20:.1f} MiB")
     assert grown < RSS_GROWTH_BOUND
 

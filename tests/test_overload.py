@@ -23,12 +23,11 @@ import threading
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
-from support import AgentProcess, Broker, Client
+from support import AgentProcess, Broker, Client, tree_rss_bytes
 
 QUEUE_SIZE = 4
 OVERLOAD = 10  # times the sustainable rate
@@ -81,9 +80,7 @@ class RssSampler:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def now(self) -> int:
-        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-        assert children, "no inference process"
-        return sum(_rss(int(pid)) for pid in [self.pid, *children])
+        return tree_rss_bytes(self.pid)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
@@ -96,13 +93,6 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(2)
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 @pytest.fixture
