@@ -175,6 +175,17 @@ class Agent:
             if self._early is not None:  # a resumed session delivers at once: hold until ready
                 self._early.append(incoming)
                 return
+        try:
+            self._take(incoming)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, answered
+            log.exception("request.unexpected_error")
+            try:
+                self._reply_error(self._error_topic(incoming), None, AgentError(
+                    f"unexpected {type(exc).__name__} while taking the request", ErrorCode.INTERNAL), incoming)
+            except Exception:  # noqa: BLE001 - left unacknowledged: the broker delivers it again
+                log.exception("request.unanswered")
+
+    def _take(self, incoming: Incoming) -> None:
         received = time.monotonic()
         try:
             request = parse_request(incoming.payload, self.limits)

@@ -9,10 +9,13 @@
   waits for that answer; a re-send of an answered one gets the stored answer again, unless
   that answer is on its way already (published on the current link, no PUBACK yet).
 Requests without an `id` get a generated one, so a re-send of those cannot be recognised.
+If the store fails (disk full, a damaged file), requests are still run and answered, without
+those guarantees: each failure is logged (`store.failed`) and counted (`store_failures`).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from typing import Any, Callable
 
@@ -34,6 +37,7 @@ class Delivery:
         self._waiting: dict[str, list[Incoming]] = {}  # request id -> deliveries to acknowledge
         self._unacked: dict[int, BrokerLink] = {}  # outbox row -> the link it was published on
         self._replayed = False
+        self.store_failures = 0
         store.reset_in_progress()  # requests a previous process took but never answered run again
 
     def admit(self, request_id: str, id_given: bool, message: Incoming) -> str:
@@ -41,12 +45,21 @@ class Delivery:
         if not id_given:
             return NEW
         with self._lock:
-            seen = self._store.first_sight(request_id)
+            try:
+                seen = self._store.first_sight(request_id)
+            except sqlite3.Error as exc:
+                self._store_failed("first_sight", exc)
+                return NEW  # better run twice than not at all
             if seen is True:
                 self._waiting[request_id] = [message]
                 return NEW
             if isinstance(seen, SeenAnswer):
-                if self._on_its_way(seen):
+                try:
+                    on_its_way, in_outbox = self._on_its_way(seen), self._in_outbox(seen)
+                except sqlite3.Error as exc:
+                    self._store_failed("outbox_rows", exc)
+                    on_its_way, in_outbox = False, True  # not knowing: publish it again
+                if on_its_way:
                     # The broker redelivers a request whose PUBACK it lost (a restart, a dropped
                     # link) while the answer waits for its own confirmation; paho sends that
                     # answer again after reconnecting. Publishing it once more would reach the
@@ -54,7 +67,7 @@ class Delivery:
                     log.info("request.duplicate", answered=True, answer_on_its_way=True)
                     self._link().ack(message)
                     return DUPLICATE
-                if message.dup and not self._in_outbox(seen):
+                if message.dup and not in_outbox:
                     # The broker's own re-send (DUP) of a request whose answer it confirmed: a
                     # broker that came back from an older save. It got that answer after the
                     # request; if it lost it too, the asker re-sends (a fresh publish) and gets
@@ -63,8 +76,12 @@ class Delivery:
                     self._link().ack(message)
                     return DUPLICATE
                 log.info("request.duplicate", answered=True)
-                self._send(seen.topic, seen.payload, seen.correlation, [message], row=self._store.put(
-                    seen.topic, seen.payload, seen.correlation))
+                try:
+                    row: int | None = self._store.put(seen.topic, seen.payload, seen.correlation)
+                except sqlite3.Error as exc:
+                    self._store_failed("put", exc)
+                    row = None
+                self._send(seen.topic, seen.payload, seen.correlation, [message], row)
                 return DUPLICATE
             self._waiting.setdefault(request_id, []).append(message)
             log.info("request.duplicate", answered=False)
@@ -74,16 +91,21 @@ class Delivery:
                correlation: bytes | None, message: Incoming | None, *, final: bool = True) -> None:
         """Store, acknowledge the request (every delivery of it), publish. `final=False`: an
         answer that a re-send should not get again (busy, stopping): the id is released."""
+        row: int | None
         with self._lock:
             messages = self._waiting.pop(request_id, []) if request_id and id_given else []
             if message is not None and message not in messages:
                 messages.append(message)
-            if final and request_id and id_given:
-                row = self._store.answered(request_id, topic, payload, correlation)
-            else:
-                if request_id and id_given:
-                    self._store.forget(request_id)
-                row = self._store.put(topic, payload, correlation)
+            try:
+                if final and request_id and id_given:
+                    row = self._store.answered(request_id, topic, payload, correlation)
+                else:
+                    if request_id and id_given:
+                        self._store.forget(request_id)
+                    row = self._store.put(topic, payload, correlation)
+            except sqlite3.Error as exc:
+                self._store_failed("answer", exc)
+                row = None  # published from memory only: a crash before its PUBACK loses it
         self._send(topic, payload, correlation, messages, row)
 
     def replay(self) -> None:
@@ -98,10 +120,19 @@ class Delivery:
             self._publish(item.topic, item.payload, item.correlation, item.row)
 
     def stats(self) -> dict[str, Any]:
-        return {"outbox": self._store.outbox_size(), "outbox_dropped": self._store.dropped}
+        try:
+            outbox: int | None = self._store.outbox_size()
+        except sqlite3.Error:
+            outbox = None
+        return {"outbox": outbox, "outbox_dropped": self._store.dropped,
+                "store_failures": self.store_failures}
+
+    def _store_failed(self, step: str, exc: sqlite3.Error) -> None:
+        self.store_failures += 1
+        log.error("store.failed", step=step, error=str(exc))
 
     def _send(self, topic: str, payload: bytes, correlation: bytes | None, messages: list[Incoming],
-              row: int) -> None:
+              row: int | None) -> None:
         link = self._link()
         for delivered in messages:
             link.ack(delivered)
@@ -115,12 +146,18 @@ class Delivery:
     def _in_outbox(self, seen: SeenAnswer) -> bool:
         return bool(self._store.outbox_rows(seen.topic, seen.payload, seen.correlation))
 
-    def _publish(self, topic: str, payload: bytes, correlation: bytes | None, row: int) -> None:
+    def _publish(self, topic: str, payload: bytes, correlation: bytes | None, row: int | None) -> None:
         link = self._link()
+        if row is None:
+            link.publish(topic, payload, correlation_data=correlation, qos=self._answer_qos())
+            return
         self._unacked[row] = link
         link.publish(topic, payload, correlation_data=correlation, qos=self._answer_qos(),
                      on_acked=lambda: self._acked(row))
 
     def _acked(self, row: int) -> None:
         self._unacked.pop(row, None)
-        self._store.done(row)
+        try:
+            self._store.done(row)
+        except sqlite3.Error as exc:  # the row is published again at the next start: a copy
+            self._store_failed("done", exc)

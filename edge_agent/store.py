@@ -9,6 +9,7 @@ cut may lose the last transaction, which costs at most a re-run, never a doubled
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -56,10 +57,17 @@ class Store:
                  dedup_window_s: float, clock=time.time) -> None:  # noqa: ANN001 - tests pass a fake clock
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+            try:
+                self._db = _open(path)
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError as exc:
+                # Damaged (a power cut on an SD card): what it held is a cache of guarantees,
+                # not data. Keep it aside for a post-mortem and start empty, rather than
+                # refusing to start until someone logs in.
+                aside = _move_aside(path)
+                log.error("store.damaged", path=str(path), error=str(exc), moved_to=str(aside))
+                self._db = _open(path)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError([f"state_dir: cannot open the state database {path}: {exc}"]) from exc
         self._lock = threading.Lock()
@@ -162,3 +170,26 @@ class Store:
         """A request that was refused before running (busy, stopping): a re-send may run."""
         with self._lock:
             self._db.execute("DELETE FROM seen WHERE request_id = ? AND payload IS NULL", (request_id,))
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        db.execute("SELECT COUNT(*) FROM seen").fetchone()
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
+def _move_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(f"{path}{suffix}")
+        if part.exists():
+            os.replace(part, Path(f"{aside}{suffix}"))
+    return aside

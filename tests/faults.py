@@ -223,6 +223,39 @@ def generate(self, messages, params, deadline=None, images=()):
 
 _engine.OrtGenaiEngine.generate = generate
 
+import sqlite3
+import edge_agent.store as _store
+
+_answered, _first_sight = _store.Store.answered, _store.Store.first_sight
+
+
+def answered(self, request_id, *args):
+    if request_id.startswith("diskfull"):  # the disk filled up
+        raise sqlite3.OperationalError("database or disk is full")
+    return _answered(self, request_id, *args)
+
+
+def first_sight(self, request_id):
+    if request_id.startswith("unreadable"):  # the store cannot be read
+        raise sqlite3.DatabaseError("database disk image is malformed")
+    return _first_sight(self, request_id)
+
+
+_store.Store.answered, _store.Store.first_sight = answered, first_sight
+
+import edge_agent.protocol as _protocol  # before edge_agent.app imports parse_request from it
+
+_parse_request = _protocol.parse_request
+
+
+def parse_request(payload, *args):
+    if b"PARSEBUG" in payload:  # a bug on the network thread's path
+        raise KeyError("injected")
+    return _parse_request(payload, *args)
+
+
+_protocol.parse_request = parse_request
+
 _connack_delay = float(os.environ.get("FAULT_LATE_CONNACK_S", "0"))
 if _connack_delay:  # paho's private handler: touched only by the test that asks for it
     _handle_connack = _paho.Client._handle_connack
@@ -238,7 +271,9 @@ if _connack_delay:  # paho's private handler: touched only by the test that asks
 def fault_hooks_env(folder: Path, late_connack_s: float = 0.0) -> dict[str, str]:
     """Environment for an agent process that loads FAULT_HOOKS (written into `folder`):
     prompts with BOOM raise in `generate`, with CRASH end the process that runs it (the
-    inference child), with SLOW take a second more; `late_connack_s`
+    inference child), with SLOW take a second more; ids starting with `diskfull` fail to be
+    stored, with `unreadable` fail the de-duplication look-up; payloads with PARSEBUG make the
+    request parser raise; `late_connack_s`
     delays paho's handling of every CONNACK (outside any callback, so the agent's other
     threads go on meanwhile)."""
     folder.mkdir(parents=True, exist_ok=True)

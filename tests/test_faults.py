@@ -292,6 +292,52 @@ def test_exception_in_the_handler_is_answered_internal_and_the_agent_goes_on(
     assert agent.proc is not None and agent.proc.poll() is None
 
 
+def test_a_failing_store_still_answers_every_request(
+        broker: Broker, start_agent: Callable[..., AgentProcess], tmp_path: Path,
+        pipelines: Callable[[Broker, AgentProcess], Pipeline]) -> None:
+    """The state database fails at run time (disk full, a damaged page; injected): requests are
+    still run and answered, each failure is logged and counted in stats, nothing waits for a
+    reconnect."""
+    agent = start_streaming_agent(broker, start_agent, env=fault_hooks_env(tmp_path / "hooks"),
+                                  stats_interval_s=1.0)
+    watcher = Client(broker.port)
+    watcher.subscribe(f"{agent.prefix}/{agent.device_id}/stats")
+    pipeline = pipelines(broker, agent)
+    ids = ["fine-1", "diskfull-1", "unreadable-1", "fine-2", "diskfull-2", "fine-3"]
+    for rid in ids:
+        pipeline.send(rid, f"question {rid}")
+    pipeline.wait_answers(ANSWER_WAIT_S)
+    pipeline.settle(0.5)
+    tally = pipeline.tally()
+    assert tally.answered == tally.sent == len(ids) and tally.copies == 0, tally.line()
+    assert all(pipeline.first_answer(rid)["ok"] is True for rid in ids)
+    failed = events(agent, "store.failed")
+    assert sorted(line["step"] for line in failed) == ["answer", "answer", "first_sight"]
+    stats = watcher.wait_for(lambda d: "delivery" in d, timeout=15)
+    watcher.close()
+    assert stats["delivery"]["store_failures"] == 3
+    assert not events(agent, "mqtt.on_message_failed", "worker.process_failed")
+
+
+def test_a_bug_on_the_network_thread_is_answered_internal(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """The request parser raises (injected): that request is answered `internal` and
+    acknowledged at once (not left for a redelivery after the next reconnect); the next
+    request is answered."""
+    agent = start_streaming_agent(broker, start_agent, env=fault_hooks_env(tmp_path / "hooks"))
+    client.subscribe(agent.response_topic)
+    tag = uuid.uuid4().bytes
+    client.publish(agent.request_topic, json.dumps({"id": "bug", "prompt": "PARSEBUG"}),
+                   response_topic=agent.response_topic, correlation=tag)
+    doc = client.wait_for(lambda d: d.get("ok") is False)
+    assert doc["error"]["code"] == "internal" and "KeyError" in doc["error"]["message"], doc
+    assert "injected" not in doc["error"]["message"]
+    client.publish(agent.request_topic, json.dumps({"id": "next", "prompt": "fine"}))
+    assert client.wait_for(lambda d: d.get("id") == "next")["ok"] is True
+    assert len(events(agent, "request.unexpected_error")) == 1
+    assert not events(agent, "mqtt.on_message_failed", "request.unanswered")
+
+
 # --- the same request twice ---------------------------------------------------------------------
 
 def test_same_id_twice_gets_the_stored_answer_and_runs_once(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from edge_agent.errors import ConfigError
 from edge_agent.store import SeenAnswer, Store
 
 
@@ -67,3 +70,21 @@ def test_dedup_survives_reopen(tmp_path: Path) -> None:
     store.answered("q9", "t", b"a", None)
     store.close()
     assert isinstance(open_store(tmp_path, clock).first_sight("q9"), SeenAnswer)
+
+
+def test_a_damaged_database_is_moved_aside_and_started_empty(tmp_path: Path) -> None:
+    """A power cut can leave garbage: the daemon must still start (the store is a cache of
+    guarantees), keeping the damaged file for a post-mortem."""
+    damaged = tmp_path / "state.db"
+    damaged.write_bytes(b"this is not a database" * 200)
+    store = open_store(tmp_path, Clock())
+    assert store.first_sight("r1") is True and store.outbox_size() == 0
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("state.db.damaged-")]
+    assert len(kept) == 1 and kept[0].read_bytes().startswith(b"this is not a database")
+
+
+def test_an_unwritable_state_dir_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot open the state database"):
+        Store(blocker / "sub" / "state.db", outbox_max_items=1, outbox_max_age_s=1, dedup_window_s=1)
