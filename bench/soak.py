@@ -87,6 +87,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         tally = pipeline.tally()
         lines = agent.log_lines()
         runs = runs_per_id(lines)
+        republished = [line for line in lines if line.get("event") == "request.duplicate" and line.get("answered")
+                       and not line.get("answer_on_its_way") and not line.get("answer_confirmed")]
         alive = agent.proc is not None and agent.proc.poll() is None
         return {
             **{k: v for k, v in tally.__dict__.items()},
@@ -98,6 +100,10 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             "ran_twice": sum(1 for rid, n in runs.items() if n > 1 and rid.startswith("soak-")),
             "outbox_replayed": sum(int(line.get("count", 0)) for line in lines if line.get("event") == "outbox.replay"),
             "redelivered_requests": sum(1 for line in lines if line.get("event") == "request.duplicate"),
+            # of which the stored answer was published again (neither on its way nor confirmed
+            # to a broker re-send): each is a copy unless the broker had lost that answer
+            "answers_republished": sum(1 for line in republished),
+            "of_which_without_dup": sum(1 for line in republished if not line.get("dup_flag")),
             "wall_s": round(wall_s, 1),
         }
     finally:

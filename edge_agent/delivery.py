@@ -75,7 +75,7 @@ class Delivery:
                     log.info("request.duplicate", answered=True, answer_confirmed=True)
                     self._link().ack(message)
                     return DUPLICATE
-                log.info("request.duplicate", answered=True)
+                log.info("request.duplicate", answered=True, dup_flag=message.dup)
                 try:
                     row: int | None = self._store.put(seen.topic, seen.payload, seen.correlation)
                 except sqlite3.Error as exc:
