@@ -23,10 +23,12 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from faults import fault_hooks_env
 from support import AgentProcess, Broker, Client, tree_rss_bytes
 
 QUEUE_SIZE = 4
@@ -184,3 +186,30 @@ def test_ten_times_the_sustainable_rate(broker: Broker, client: Client, pings: P
     assert not withheld
     assert pings.longest_gap(started, ended) < WATCHDOG_S  # systemd would not have restarted it
     assert agent.proc.poll() is None
+
+
+@pytest.mark.parametrize("receive_maximum, paced", [(1, True), (None, False)])
+def test_receive_maximum_paces_what_the_broker_hands_over(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path,
+        receive_maximum: int | None, paced: bool) -> None:
+    """The agent acknowledges a request once it is answered, and its MQTT 5 CONNECT names a
+    Receive Maximum: the broker never has more unacknowledged requests out to it. With 1, the
+    requests sent while a slow one runs wait at the broker and arrive one by one (the queue
+    never holds two); with the default (queue_size + 32) they all arrive at once and queue."""
+    overrides: dict[str, Any] = {"limits__queue_size": 8}
+    if receive_maximum is not None:
+        overrides["mqtt__receive_maximum"] = receive_maximum
+    agent = start_agent(broker, client, env=fault_hooks_env(tmp_path / "hooks"), **overrides)
+    client.subscribe(agent.response_topic)
+    ids = ["slow", "a", "b", "c", "d"]
+    for rid in ids:
+        client.publish(agent.request_topic, json.dumps({"id": rid, "prompt": "SLOW" if rid == "slow" else rid,
+                                                        "max_tokens": 4}))
+    answers = [client.wait_for(lambda d: d.get("id") in ids) for _ in ids]
+    assert sorted(doc["id"] for doc in answers) == sorted(ids) and all(doc["ok"] for doc in answers)
+    depths = [line["queue_depth"] for line in agent.log_lines() if line.get("event") == "request.accepted"]
+    assert len(depths) == len(ids)
+    if paced:
+        assert max(depths) <= 1, depths
+    else:
+        assert max(depths) >= 3, depths
