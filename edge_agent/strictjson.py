@@ -1,5 +1,6 @@
 """Strict JSON decoding for untrusted payloads: bounded size, depth and number of values, no
-NaN/Infinity, no huge integers, no duplicate keys; linear time in the payload's size.
+NaN/Infinity, no huge integers, no duplicate keys, no lone surrogates; linear time in the
+payload's size.
 Every refusal is a BadRequest or TooLarge."""
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ MAX_JSON_ITEMS = 10_000  # counted by their separating commas
 JSON_ESCAPE = re.compile(r"\\.", re.DOTALL)
 JSON_PLAIN_STRING = re.compile(r'"[^"]*"')
 NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+# Valid UTF-8 cannot hold a surrogate, but a JSON escape can (`"\ud800"`): json.loads makes a
+# str that no UTF-8 encoder takes (SQLite, paho, the tokenizer all raise). Pairs are fine.
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 BRACKET_DEPTH = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
@@ -85,7 +89,25 @@ def decode_json_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
         raise BadRequest(f"payload has an invalid number: {str(exc)[:80]}") from None
     if not isinstance(obj, dict):
         raise BadRequest(f"request must be a JSON object, got {json_type(obj)}")
+    if SURROGATE_ESCAPE.search(text):
+        _reject_lone_surrogates(obj)
     return obj
+
+
+def _reject_lone_surrogates(value: Any, where: str = "") -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadRequest(f"{where or 'a key'} holds an unpaired surrogate escape "
+                             f"(\\u{ord(value[exc.start]):04x}): not valid Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _reject_lone_surrogates(key)
+            _reject_lone_surrogates(item, f"{where}.{key}" if where else f"'{key}'")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_lone_surrogates(item, f"{where}[{index}]")
 
 
 def json_type(value: Any) -> str:

@@ -9,6 +9,7 @@ under `edge-agent/#` and `apps/#`, free prompts allowed.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import struct
 import uuid
@@ -118,6 +119,27 @@ def hostile_inputs(run: str = "") -> list[Hostile]:
         id_echoed=False)
     add("invalid UTF-8", "invalid-utf8", b'{"prompt": "\xff\xfe"}', "bad_request", "UTF-8", id_echoed=False)
     add("invalid UTF-8", "utf16", '{"prompt": "x"}'.encode("utf-16"), "bad_request", "UTF-8", id_echoed=False)
+    add("invalid UTF-8", "overlong-utf8", b'{"prompt": "\xc0\xaf"}', "bad_request", "UTF-8", id_echoed=False)
+    add("invalid UTF-8", "utf8-encoded-surrogate", b'{"prompt": "\xed\xa0\x80"}', "bad_request", "UTF-8",
+        id_echoed=False)
+    add("compressed or binary payload", "gzip", gzip.compress(json.dumps(request("gzip")).encode()),
+        "bad_request", "UTF-8", id_echoed=False)
+    add("compressed or binary payload", "binary", bytes(range(256)) * 4, "bad_request", "UTF-8",
+        id_echoed=False)
+    for name, body in (("single-quotes", b"{'prompt': 'x'}"), ("comment", b'{"prompt": "x" /* hi */}'),
+                       ("trailing-comma", b'{"prompt": "x",}'), ("trailing-data", b'{"prompt": "x"} and more'),
+                       ("two-documents", b'{"prompt": "x"}{"prompt": "y"}')):
+        add("relaxed JSON syntax", f"relaxed-{name}", body, "bad_request", "not JSON", id_echoed=False)
+    # \ud800-\udfff escapes decode to a str no UTF-8 encoder takes (SQLite, paho, the tokenizer)
+    for name, body in (("prompt", b'{"id": "s", "prompt": "x\\ud800y"}'),
+                       ("id", b'{"id": "s\\udfff", "prompt": "x"}'),
+                       ("reply-to", b'{"prompt": "x", "reply_to": "apps/\\ud800"}'),
+                       ("message", b'{"messages": [{"role": "user", "content": "\\udc00"}]}'),
+                       ("key", b'{"prompt": "x", "\\ud800": 1}')):
+        add("lone surrogates", f"surrogate-{name}", body, "bad_request", "unpaired surrogate", id_echoed=False)
+    for name, key in (("nul", "pro\x00mpt"), ("empty", ""), ("spaced", "prompt "), ("upper", "PROMPT")):
+        add("odd keys", f"key-{name}", {"id": rid(f"key-{name}"), "prompt": "x", key: "y"}, "bad_request",
+            "unknown field")
     add("BOM", "utf8-bom", b'\xef\xbb\xbf{"prompt": "x"}', "bad_request", "BOM", id_echoed=False)
     add("empty payload", "empty", b"", "bad_request", "empty", id_echoed=False)
     add("empty payload", "whitespace", b" \n\t ", "bad_request", "empty", id_echoed=False)

@@ -90,7 +90,7 @@ def exchange(pipeline: Client, agent: AgentProcess, payload: bytes,
 
 def test_the_catalogue_covers_the_issue() -> None:
     kinds = {case.kind for case in CASES}
-    assert len(kinds) >= 25 and len(CASES) >= 150
+    assert len(kinds) >= 30 and len(CASES) >= 200
     for kind in ("not JSON", "invalid UTF-8", "BOM", "empty payload", "JSON scalar", "JSON array",
                  "nesting 10^5 deep", "10^4-digit integer", "NaN/Infinity", "duplicate keys",
                  "wrong types for every field", "negative/huge max_tokens", "temperature out of range",

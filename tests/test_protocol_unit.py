@@ -96,6 +96,42 @@ def test_fuzz_request_objects_parse_or_give_a_coded_error(obj: dict) -> None:
         assert request.max_tokens is None or 1 <= request.max_tokens <= LIMITS.max_tokens_cap
 
 
+def _utf8_clean(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_utf8_clean(k) and _utf8_clean(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_utf8_clean(v) for v in value)
+    return True
+
+
+texts_with_surrogates = st.text(st.characters(categories=["Cs", "Ll", "Nd", "So"]), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({"id": texts_with_surrogates, "prompt": texts_with_surrogates},
+                             optional={"system": texts_with_surrogates, "reply_to": texts_with_surrogates}))
+def test_fuzz_what_is_accepted_is_valid_unicode(obj: dict) -> None:
+    """A `\\ud800` escape makes a str that SQLite, paho and the tokenizer all refuse: accepted
+    requests never hold one (surrogate pairs, i.e. escaped emoji, are fine)."""
+    try:  # ASCII JSON: a lone surrogate travels as its escape, as a publisher's encoder sends it
+        request = parse_request(json.dumps(obj).encode(), LIMITS)
+    except RequestError as exc:
+        assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE) and exc.message
+        return
+    assert _utf8_clean(request.messages) and _utf8_clean(request.id) and _utf8_clean(request.reply_to)
+
+
+def test_escaped_surrogate_pairs_are_accepted() -> None:
+    request = parse_request(b'{"id": "e", "prompt": "smile \\ud83d\\ude00"}', LIMITS)
+    assert request.messages[-1]["content"] == "smile \U0001F600"
+
+
 # --- templates ---------------------------------------------------------------------------------------
 TEMPLATES = {"door": PromptTemplate("Is the {door} door open? {{literal}}", system="Answer yes or no.",
                                     max_tokens=8),
