@@ -4,7 +4,8 @@
   crash before that makes the broker deliver it again (persistent session).
 - Every answer goes through the outbox: stored, then published (QoS 2 by default: the broker
   takes it once even if the link drops mid-handshake); the row goes when the broker confirms it
-  (PUBACK, or PUBCOMP for QoS 2). What is left at start-up is published again, oldest first.
+  (PUBACK, or PUBCOMP for QoS 2). At each connection, what no one else will send is published
+  again, oldest first: what a previous process left, what went out on a link since replaced.
 - A request id seen within the window is not run again: a redelivery of a request in progress
   waits for that answer; a re-send of an answered one gets the stored answer again, unless
   that answer is on its way already (published on the current link, no PUBACK yet).
@@ -35,8 +36,8 @@ class Delivery:
         self._answer_qos = answer_qos
         self._lock = threading.Lock()
         self._waiting: dict[str, list[Incoming]] = {}  # request id -> deliveries to acknowledge
-        self._unacked: dict[int, BrokerLink] = {}  # outbox row -> the link it was published on
-        self._replayed = False
+        # outbox rows of this process -> the link each was published on (None: not yet)
+        self._unacked: dict[int, BrokerLink | None] = {}
         self.store_failures = 0
         store.reset_in_progress()  # requests a previous process took but never answered run again
 
@@ -103,21 +104,29 @@ class Delivery:
                     if request_id and id_given:
                         self._store.forget(request_id)
                     row = self._store.put(topic, payload, correlation)
+                self._unacked[row] = None
             except sqlite3.Error as exc:
                 self._store_failed("answer", exc)
                 row = None  # published from memory only: a crash before its PUBACK loses it
         self._send(topic, payload, correlation, messages, row)
 
     def replay(self) -> None:
-        """Once per process, at the first connection: answers a previous run left unsent."""
-        if self._replayed:
-            return
-        self._replayed = True
-        pending = self._store.pending()
-        if pending:
-            log.info("outbox.replay", count=len(pending))
-        for item in pending:
-            self._publish(item.topic, item.payload, item.correlation, item.row)
+        """At every connection: publish the stored answers no one will send otherwise: those a
+        previous process left, and those published on a link since replaced (a reload moved us
+        to another broker). paho itself sends again what is pending on the current link."""
+        link = self._link()
+        with self._lock:
+            try:
+                pending = self._store.pending()
+            except sqlite3.Error as exc:
+                self._store_failed("pending", exc)
+                return
+            orphans = [item for item in pending
+                       if item.row not in self._unacked or self._unacked[item.row] not in (None, link)]
+            if orphans:
+                log.info("outbox.replay", count=len(orphans))
+            for item in orphans:
+                self._publish(item.topic, item.payload, item.correlation, item.row)
 
     def stats(self) -> dict[str, Any]:
         try:

@@ -113,6 +113,9 @@ def test_acl_confines_each_device_to_its_own_topics(acl_broker: Broker, tmp_path
         a_events = [line.get("event") for line in a_as_b.log_lines()]
         assert "agent.ready" in a_events and "mqtt.refused" not in a_events
         assert "request.accepted" not in a_events and "request.rejected" not in a_events
+        # The broker took its status but refused it (MQTT 5 PUBACK "Not authorized"): logged.
+        refused = [line for line in a_as_b.log_lines() if line.get("event") == "mqtt.publish_refused"]
+        assert refused and refused[0]["topic"] == b.status_topic and "authorized" in refused[0]["reason"]
         # Its ready, stopping and offline status never reached B's topic: B is still ready there.
         statuses = [d for d in pipeline.drain() if "state" in d]
         assert statuses == [] and retained_status(ops, b)["state"] == "ready"

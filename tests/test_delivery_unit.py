@@ -89,3 +89,27 @@ def test_answer_qos_follows_the_setting(tmp_path: Path) -> None:
     qos[0] = 2
     delivery.answer("b", True, "t", b"y", None, request(2))
     assert [q for _, _, q in link.published] == [1, 2]
+
+
+def test_replay_sends_what_only_a_replaced_link_had(tmp_path: Path) -> None:
+    """At each connection: answers left by a previous process and answers published on a link
+    since replaced (a reload moved us to another broker) go out on the current one; what the
+    current link has pending is its own to send again (paho does, after reconnecting)."""
+    store = Store(tmp_path / "state.db", outbox_max_items=100, outbox_max_age_s=3600, dedup_window_s=600)
+    store.put("t", b"from a previous process", None)
+    first, links = RecordingLink(), []
+    links.append(first)
+    delivery = Delivery(store, lambda: links[-1], lambda: 2)  # type: ignore[arg-type,return-value]
+    delivery.replay()  # first connection
+    assert [p for _, p, _ in first.published] == [b"from a previous process"]
+    delivery.answer("a", True, "t", b"unconfirmed", None, request(1))
+    delivery.replay()  # the same link reconnects: paho sends both again itself
+    assert [p for _, p, _ in first.published] == [b"from a previous process", b"unconfirmed"]
+    second = RecordingLink()
+    links.append(second)  # a reload swapped the link
+    delivery.replay()
+    assert [p for _, p, _ in second.published] == [b"from a previous process", b"unconfirmed"]
+    second.confirm_all()
+    assert store.outbox_size() == 0
+    delivery.replay()
+    assert len(second.published) == 2

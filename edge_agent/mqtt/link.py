@@ -43,8 +43,8 @@ class BrokerLink:
         self._client = new_client(settings, client_id, persistent=True)
         self._client.on_publish = self._handle_publish
         self._track_lock = threading.Lock()
-        self._on_acked: dict[int, Callable[[], None]] = {}
-        self._early_acks: set[int] = set()  # PUBACKs that beat publish() returning
+        self._on_acked: dict[int, tuple[Callable[[], None], str]] = {}  # mid -> (callback, topic)
+        self._early_acks: dict[int, Any] = {}  # PUBACKs that beat publish() returning -> refusal
         self._client.will_set(will_topic, will_payload, qos=1, retain=True)
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
@@ -136,27 +136,35 @@ class BrokerLink:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         # Every publish is tracked (QoS 0 "acks" when written), so no stale early ack can
         # match a packet id paho reuses later.
-        self._track(info.mid, on_acked or _nothing)
+        self._track(info.mid, on_acked or _nothing, topic)
         return info
 
-    def _track(self, mid: int, callback: Callable[[], None]) -> None:
+    def _track(self, mid: int, callback: Callable[[], None], topic: str) -> None:
         with self._track_lock:
-            if mid in self._early_acks:
-                self._early_acks.discard(mid)
-            else:
-                self._on_acked[mid] = callback
+            refusal = self._early_acks.pop(mid, _NOT_YET)
+            if refusal is _NOT_YET:
+                self._on_acked[mid] = (callback, topic)
                 return
+        self._acked(callback, topic, refusal)
+
+    @staticmethod
+    def _acked(callback: Callable[[], None], topic: str, refusal: Any) -> None:
+        if refusal is not None:
+            # MQTT 5: the broker took the packet but refuses the message (an ACL: "Not
+            # authorized"). Sending it again would be refused again: say so, and let it go.
+            log.error("mqtt.publish_refused", topic=topic, reason=str(refusal))
         callback()
 
     def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
                         properties: Any) -> None:
         try:
+            refusal = reason if getattr(reason, "is_failure", False) else None
             with self._track_lock:
-                callback = self._on_acked.pop(mid, None)
-                if callback is None:
-                    self._early_acks.add(mid)
-            if callback is not None:
-                callback()
+                tracked = self._on_acked.pop(mid, None)
+                if tracked is None:
+                    self._early_acks[mid] = refusal
+            if tracked is not None:
+                self._acked(*tracked, refusal)
         except Exception:  # noqa: BLE001 - must never escape into paho's thread
             log.exception("mqtt.on_publish_failed")
 
@@ -268,3 +276,6 @@ class BrokerLink:
 
 def _nothing() -> None:
     return None
+
+
+_NOT_YET = object()
