@@ -202,8 +202,8 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running request")
-    state_dir: Path = Field(Path("/var/lib/edge-agent"), description="models pulled from the catalog, "
-                            "and later the outbox, live here")
+    state_dir: Path = Field(Path("/var/lib/edge-agent"), description="models pulled from the catalog "
+                            "and the state database (outbox, request ids seen) live here")
     stats_interval_s: float = Field(60.0, ge=0, le=86400, description="seconds between stats; 0 = off")
     reload_debounce_s: float = Field(1.0, ge=0, le=60, description="quiet time after a config edit "
                                      "before it is applied")

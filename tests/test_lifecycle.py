@@ -138,6 +138,31 @@ def test_example_config_is_valid() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_example_config_names_every_setting() -> None:
+    """It says "every key, with its default": each settings field appears in it, set or as a
+    commented-out line (tables with free names, like cameras, by their fields)."""
+    import re
+
+    from pydantic import BaseModel
+
+    from edge_agent.settings import CameraSettings, Settings, TemplateSettings, TlsSettings
+
+    example = (Path(__file__).resolve().parent.parent / "config" / "agent.example.toml").read_text()
+    named = set(re.findall(r"^#? ?([a-z_]+) = ", example, re.MULTILINE))
+    for table in re.findall(r"^#? ?\[([a-z_.]+)\]", example, re.MULTILINE):
+        named |= set(table.split("."))
+
+    def fields(model: type[BaseModel]) -> set[str]:
+        found = set(model.model_fields)
+        for field in model.model_fields.values():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                found |= fields(field.annotation)
+        return found
+
+    expected = fields(Settings) | fields(TlsSettings) | fields(CameraSettings) | fields(TemplateSettings)
+    assert expected - named == set()
+
+
 @pytest.mark.parametrize("text, env, expected", [
     ('device_id = "a/b"\n', {}, "device_id: Value error, device_id must be"),
     ('colour = "red"\n', {}, "colour: unknown key"),
