@@ -120,6 +120,7 @@ class Agent:
             threading.Thread(target=old_engine.close, name="engine-close", daemon=True).start()
             self.status.set(self.status.state, model=engine.name, provider=engine.provider,
                             provider_reason=engine.provider_reason)
+        self.engine.longest_s = new.limits.max_timeout_s
         self.handler = self._new_handler()  # the running job finishes on the handler it has
         if self.scheduler is not None:
             self.scheduler.resize(new.limits.queue_size)
@@ -333,7 +334,8 @@ def request_limits(settings: Settings) -> RequestLimits:
 def make_engine(settings: Settings) -> EngineProcess:
     model = settings.model
     engine = EngineProcess(resolve_model_path(settings), model.provider, model.fallback, model.provider_options,
-                           log_level=settings.log_level, log_format=settings.log_format)
+                           log_level=settings.log_level, log_format=settings.log_format,
+                           longest_s=settings.limits.max_timeout_s)
     if is_catalog_name(str(model.path)):
         engine.name = str(model.path)  # answers say "phi-3.5-mini-instruct", not the variant folder
     return engine

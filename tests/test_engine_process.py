@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from edge_agent.errors import ErrorCode, ModelLoadError, TooLarge
+from edge_agent.errors import ErrorCode, ModelLoadError, Timeout, TooLarge
 from edge_agent.inference import EngineProcess, GenerationParams
 from faults import Pipeline, fault_hooks_env
 from support import AgentProcess, Broker, Client
@@ -68,6 +68,28 @@ def test_a_dead_child_fails_that_request_and_is_replaced(engine: EngineProcess) 
     assert "signal 9" in str(failed.value)
     assert engine.pid not in (None, first) and engine.crashes == 1
     assert engine.generate(HELLO, GenerationParams(4)).generate_ms > 0
+
+
+def test_a_generation_stuck_in_one_call_is_ended_with_its_process(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLOW (a fault hook in the child) holds one call for a second: with no deadline of its own,
+    the generation is stuck once past `longest_s` plus the grace; its process is ended, the
+    request times out, and the next one runs on a new process."""
+    for key, value in fault_hooks_env(tmp_path / "hooks").items():
+        monkeypatch.setenv(key, value)
+    engine = EngineProcess(tiny_model, "cpu", longest_s=0.1, stuck_grace_s=0.2)
+    engine.load()
+    try:
+        first = engine.pid
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            engine.generate(({"role": "user", "content": "SLOW please"},), GenerationParams(4))
+        assert time.monotonic() - started < 0.9  # not waited out: the hook sleeps 1 s
+        assert first is not None and wait_gone(first, 5)
+        assert engine.generate(HELLO, GenerationParams(4)).generate_ms > 0
+        assert engine.pid not in (None, first)
+    finally:
+        engine.close()
 
 
 def test_close_ends_the_child(tiny_model: Path) -> None:

@@ -37,8 +37,14 @@ class EngineProcess:
 
     def __init__(self, folder: Path, provider: str = "auto", fallback: Sequence[str] = ("cpu",),
                  provider_options: Mapping[str, object] | None = None, *, log_level: str = "info",
-                 log_format: str = "auto") -> None:
+                 log_format: str = "auto", longest_s: float | None = None,
+                 stuck_grace_s: float = STUCK_GRACE_S) -> None:
         self.folder = folder
+        # A generation with no deadline of its own is stuck once it runs longer than this
+        # (limits.max_timeout_s) plus the grace: ended here, before the systemd watchdog would
+        # restart the whole daemon for it.
+        self.longest_s = longest_s
+        self.stuck_grace_s = stuck_grace_s
         self._spec = LoadSpec(str(folder), provider, tuple(fallback), dict(provider_options or {}),
                               log_level, log_format)
         model_section = read_genai_config(folder).get("model", {})  # fails early on a bad folder
@@ -72,9 +78,12 @@ class EngineProcess:
             if self._conn is None:  # the last child died and could not be replaced then
                 self._start()
             assert self._conn is not None
+            limit = deadline
+            if limit is None and self.longest_s is not None:
+                limit = time.monotonic() + self.longest_s
             try:
                 self._conn.send(("generate", list(messages), params, deadline, list(images)))
-                reply = self._wait(deadline)
+                reply = self._wait(limit)
             except (EOFError, OSError):
                 reply = None
             if reply is None:
@@ -134,13 +143,13 @@ class EngineProcess:
                  ms=round((time.monotonic() - started) * 1000, 1))
 
     def _wait(self, deadline: float | None) -> tuple[str, Any] | None:
-        """The child's reply; None if it died. Past `deadline` by STUCK_GRACE_S: end it, Timeout."""
+        """The child's reply; None if it died. Past `deadline` by the grace: end it, Timeout."""
         assert self._conn is not None and self._proc is not None
         while not self._conn.poll(POLL_S):
             if self._proc.poll() is not None and not self._conn.poll(0):
                 return None
-            if deadline is not None and time.monotonic() > deadline + STUCK_GRACE_S:
-                log.error("inference.stuck", pid=self._proc.pid, past_deadline_s=STUCK_GRACE_S)
+            if deadline is not None and time.monotonic() > deadline + self.stuck_grace_s:
+                log.error("inference.stuck", pid=self._proc.pid, past_deadline_s=self.stuck_grace_s)
                 self._stop_child(kill=True)
                 raise Timeout("generation stuck past its deadline; the model is loaded again")
         return self._conn.recv()  # type: ignore[no-any-return]
