@@ -205,7 +205,8 @@ class Agent:
             if self._stopping.is_set() or self.scheduler is None:
                 self._reply_error(topic, request, Unavailable("the agent is stopping"), incoming)
                 return
-            if self.delivery.admit(request.id, request.id_given, incoming) == DUPLICATE:
+            if self.delivery.admit(request.id, request.id_given, incoming,
+                                   (topic, incoming.correlation_data)) == DUPLICATE:
                 return
             job = Job(request, topic, incoming.correlation_data, received,
                       self._deadline(received, request.timeout_s, incoming.expiry_s), incoming)

@@ -13,6 +13,7 @@ from edge_agent import __version__
 from edge_agent.cli_models import HANDLERS as MODEL_HANDLERS, add_parsers as add_model_commands
 
 EXIT_ANSWERED, EXIT_ERROR_ANSWER, EXIT_NO_ANSWER, EXIT_CONFIG = 0, 1, 2, 78
+EXIT_USAGE = 64  # sysexits EX_USAGE: options that do not go together
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--explain", action="store_true", help="show which file set each value")
 
     ask = commands.add_parser("ask", help="send one prompt over MQTT and print the answer")
-    ask.add_argument("prompt")
+    ask.add_argument("prompt", nargs="?", help="the question (or --template)")
+    ask.add_argument("--template", help="a prompt template from the agent's settings, instead of a prompt")
+    ask.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                     help="a value for the template (repeatable)")
+    ask.add_argument("--id", help="request id; asking again with the same id gets the stored answer")
     ask.add_argument("--config", help=config_help)
     ask.add_argument("--host", help="broker host (overrides the settings)")
     ask.add_argument("--port", type=int, help="broker port (overrides the settings)")
@@ -124,7 +129,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
                                    ("protocol", args.protocol)) if v is not None}
     mqtt_settings = settings.mqtt.model_copy(update=overrides)
     topic = Topics(mqtt_settings.topic_prefix, args.device or settings.device_id).request
-    request: dict[str, Any] = {"prompt": args.prompt}
+    if (args.prompt is None) == (args.template is None):
+        print("edge-agent ask: give a prompt or --template, not both", file=sys.stderr)
+        return EXIT_USAGE
+    request: dict[str, Any] = {"prompt": args.prompt} if args.template is None else {"template": args.template}
+    if args.var:
+        if args.template is None or not all("=" in v for v in args.var):
+            print("edge-agent ask: --var NAME=VALUE goes with --template", file=sys.stderr)
+            return EXIT_USAGE
+        request["vars"] = dict(v.split("=", 1) for v in args.var)
+    if args.id is not None:
+        request["id"] = args.id
     if args.system:
         request["system"] = args.system
     if args.max_tokens is not None:

@@ -7,8 +7,9 @@
   (PUBACK, or PUBCOMP for QoS 2). At each connection, what no one else will send is published
   again, oldest first: what a previous process left, what went out on a link since replaced.
 - A request id seen within the window is not run again: a redelivery of a request in progress
-  waits for that answer; a re-send of an answered one gets the stored answer again, unless
-  that answer is on its way already (published on the current link, no PUBACK yet).
+  waits for that answer; a re-send of an answered one gets the stored answer again (on the
+  re-send's own reply topic), unless that answer is on its way to that same place already
+  (published on the current link, not yet confirmed).
 Requests without an `id` get a generated one, so a re-send of those cannot be recognised.
 If the store fails (disk full, a damaged file), requests are still run and answered, without
 those guarantees: each failure is logged (`store.failed`) and counted (`store_failures`).
@@ -26,6 +27,7 @@ from edge_agent.store import SeenAnswer, Store
 
 log = get_logger("delivery")
 NEW, DUPLICATE = "new", "duplicate"
+Reply = tuple[str, "bytes | None"]  # where an answer goes: topic, MQTT 5 correlation data
 
 
 class Delivery:
@@ -35,14 +37,17 @@ class Delivery:
         self._link = link  # getters: a reload may swap the link or change the QoS
         self._answer_qos = answer_qos
         self._lock = threading.Lock()
-        self._waiting: dict[str, list[Incoming]] = {}  # request id -> deliveries to acknowledge
+        # request id -> its deliveries to acknowledge, each with where it wants the answer
+        self._waiting: dict[str, list[tuple[Incoming, Reply | None]]] = {}
         # outbox rows of this process -> the link each was published on (None: not yet)
         self._unacked: dict[int, BrokerLink | None] = {}
         self.store_failures = 0
         store.reset_in_progress()  # requests a previous process took but never answered run again
 
-    def admit(self, request_id: str, id_given: bool, message: Incoming) -> str:
-        """NEW: run it. DUPLICATE: already handled here (answer re-sent or still to come)."""
+    def admit(self, request_id: str, id_given: bool, message: Incoming, reply: Reply | None = None) -> str:
+        """NEW: run it. DUPLICATE: already handled here (answer re-sent or still to come).
+        `reply`: where this delivery wants its answer (topic, correlation data); a re-send from
+        another asker (its own reply topic) gets the stored answer there."""
         if not id_given:
             return NEW
         with self._lock:
@@ -52,7 +57,7 @@ class Delivery:
                 self._store_failed("first_sight", exc)
                 return NEW  # better run twice than not at all
             if seen is True:
-                self._waiting[request_id] = [message]
+                self._waiting[request_id] = [(message, reply)]
                 return NEW
             if isinstance(seen, SeenAnswer):
                 try:
@@ -60,7 +65,9 @@ class Delivery:
                 except sqlite3.Error as exc:
                     self._store_failed("outbox_rows", exc)
                     on_its_way, in_outbox = False, True  # not knowing: publish it again
-                if on_its_way:
+                stored: Reply = (seen.topic, seen.correlation)
+                to = reply or stored
+                if on_its_way and to == stored:
                     # The broker redelivers a request whose PUBACK it lost (a restart, a dropped
                     # link) while the answer waits for its own confirmation; paho sends that
                     # answer again after reconnecting. Publishing it once more would reach the
@@ -68,7 +75,7 @@ class Delivery:
                     log.info("request.duplicate", answered=True, answer_on_its_way=True)
                     self._link().ack(message)
                     return DUPLICATE
-                if message.dup and not in_outbox:
+                if message.dup and not in_outbox and to == stored:
                     # The broker's own re-send (DUP) of a request whose answer it confirmed: a
                     # broker that came back from an older save. It got that answer after the
                     # request; if it lost it too, the asker re-sends (a fresh publish) and gets
@@ -76,15 +83,10 @@ class Delivery:
                     log.info("request.duplicate", answered=True, answer_confirmed=True)
                     self._link().ack(message)
                     return DUPLICATE
-                log.info("request.duplicate", answered=True, dup_flag=message.dup)
-                try:
-                    row: int | None = self._store.put(seen.topic, seen.payload, seen.correlation)
-                except sqlite3.Error as exc:
-                    self._store_failed("put", exc)
-                    row = None
-                self._send(seen.topic, seen.payload, seen.correlation, [message], row)
+                log.info("request.duplicate", answered=True, dup_flag=message.dup, reply_elsewhere=to != stored)
+                self._send(to[0], seen.payload, to[1], [message], self._put(to[0], seen.payload, to[1]))
                 return DUPLICATE
-            self._waiting.setdefault(request_id, []).append(message)
+            self._waiting.setdefault(request_id, []).append((message, reply))
             log.info("request.duplicate", answered=False)
             return DUPLICATE
 
@@ -94,9 +96,12 @@ class Delivery:
         answer that a re-send should not get again (busy, stopping): the id is released."""
         row: int | None
         with self._lock:
-            messages = self._waiting.pop(request_id, []) if request_id and id_given else []
+            waiters = self._waiting.pop(request_id, []) if request_id and id_given else []
+            messages = [delivery for delivery, _ in waiters]
             if message is not None and message not in messages:
                 messages.append(message)
+            # a re-send that came while this ran, from an asker with its own reply topic
+            elsewhere = list(dict.fromkeys(to for _, to in waiters if to is not None and to != (topic, correlation)))
             try:
                 if final and request_id and id_given:
                     row = self._store.answered(request_id, topic, payload, correlation)
@@ -108,7 +113,20 @@ class Delivery:
             except sqlite3.Error as exc:
                 self._store_failed("answer", exc)
                 row = None  # published from memory only: a crash before its PUBACK loses it
+            extra_rows = [self._put(to[0], payload, to[1]) for to in elsewhere]
         self._send(topic, payload, correlation, messages, row)
+        for (extra_topic, extra_correlation), extra_row in zip(elsewhere, extra_rows):
+            self._publish(extra_topic, payload, extra_correlation, extra_row)
+
+    def _put(self, topic: str, payload: bytes, correlation: bytes | None) -> int | None:
+        """An outbox row for an answer about to be published; None if the store fails."""
+        try:
+            row = self._store.put(topic, payload, correlation)
+        except sqlite3.Error as exc:
+            self._store_failed("put", exc)
+            return None
+        self._unacked[row] = None
+        return row
 
     def replay(self) -> None:
         """At every connection: publish the stored answers no one will send otherwise: those a

@@ -113,3 +113,28 @@ def test_replay_sends_what_only_a_replaced_link_had(tmp_path: Path) -> None:
     assert store.outbox_size() == 0
     delivery.replay()
     assert len(second.published) == 2
+
+
+def test_a_resend_with_its_own_reply_topic_gets_the_answer_there(tmp_path: Path) -> None:
+    """Another asker (or `edge-agent ask` run again with the same --id) listens on its own
+    reply topic: the stored answer goes there, even while the first copy is still on its way."""
+    delivery, link, _ = answered_once(tmp_path)  # answer to p/dev/response, unconfirmed
+    elsewhere = ("p/dev/ask/other", b"corr-2")
+    assert delivery.admit("r1", True, request(2), elsewhere) == DUPLICATE
+    assert link.published[-1] == ("p/dev/ask/other", b"answer", 2) and link.acked == [1, 2]
+    assert delivery.admit("r1", True, request(3, dup=True), ("p/dev/response", None)) == DUPLICATE
+    assert len(link.published) == 2  # the same place, on its way: acknowledged only
+
+
+def test_a_resend_while_running_from_elsewhere_gets_the_answer_too(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db", outbox_max_items=100, outbox_max_age_s=3600, dedup_window_s=600)
+    link = RecordingLink()
+    delivery = Delivery(store, lambda: link, lambda: 2)  # type: ignore[arg-type,return-value]
+    assert delivery.admit("r1", True, request(1), ("p/dev/response", None)) == NEW
+    assert delivery.admit("r1", True, request(2), ("p/dev/ask/x", b"c")) == DUPLICATE
+    assert delivery.admit("r1", True, request(3, dup=True), ("p/dev/response", None)) == DUPLICATE
+    delivery.answer("r1", True, "p/dev/response", b"answer", None, request(1))
+    assert sorted(link.acked) == [1, 2, 3]
+    assert sorted(t for t, _, _ in link.published) == ["p/dev/ask/x", "p/dev/response"]
+    link.confirm_all()
+    assert store.outbox_size() == 0

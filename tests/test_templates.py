@@ -112,3 +112,32 @@ def test_bad_template_settings_exit_78(tmp_path: Path, tiny_model: Path, prompts
     result = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "--config", str(config)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 78 and words in result.stderr, result.stderr
+
+
+def ask_cli(agent: AgentProcess, broker: Broker, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_agent", "ask", *args, "--port", str(broker.port),
+                           "--device", agent.device_id, "--json", "--timeout", "30"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_ask_sends_a_template_and_an_id_that_a_second_ask_gets_again(locked: AgentProcess, broker: Broker) -> None:
+    rid = f"ask-{uuid.uuid4().hex[:8]}"
+    first = ask_cli(locked, broker, "--template", "door", "--var", "door=back", "--id", rid)
+    assert first.returncode == 0, first.stderr
+    answer = json.loads(first.stdout)
+    assert answer["ok"] and answer["id"] == rid and answer["usage"]["completion_tokens"] <= 4
+    again = ask_cli(locked, broker, "--template", "door", "--var", "door=back", "--id", rid)
+    assert json.loads(again.stdout) == answer  # the stored answer, byte for byte
+    runs = [line for line in locked.log_lines()
+            if line.get("event") == "request.done" and line.get("request_id") == rid]
+    assert len(runs) == 1
+    free = ask_cli(locked, broker, "a free prompt")
+    assert free.returncode == 1 and json.loads(free.stdout)["error"]["code"] == "forbidden"
+
+
+@pytest.mark.parametrize("args", [["a prompt", "--template", "door"], [], ["a prompt", "--var", "door=x"],
+                                  ["--template", "door", "--var", "no-equals-sign"]])
+def test_ask_refuses_options_that_do_not_go_together(broker: Broker, args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "edge_agent", "ask", *args, "--port", str(broker.port),
+                             "--timeout", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 64 and "edge-agent ask:" in result.stderr
