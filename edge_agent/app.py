@@ -317,6 +317,7 @@ class Agent:
                 queue_depth=self.scheduler.depth if self.scheduler else 0,
                 busy_rejected=self.scheduler.rejected if self.scheduler else 0)
             doc["delivery"] = self.delivery.stats()
+            doc["inference_restarts"] = self.engine.crashes
         except Exception:  # noqa: BLE001 - stats must never take the daemon down
             log.exception("stats.failed")
             return

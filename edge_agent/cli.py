@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--host", help="broker host (overrides the settings)")
     ask.add_argument("--port", type=int, help="broker port (overrides the settings)")
     ask.add_argument("--device", help="device_id of the agent to ask")
+    ask.add_argument("--fleet", action="store_true",
+                     help="ask the pool instead: <prefix>/fleet/request (agents with mqtt.shared_group)")
     ask.add_argument("--protocol", choices=["5", "3.1.1"], help="MQTT version of this client")
     ask.add_argument("--system", help="system prompt")
     ask.add_argument("--max-tokens", type=int, help="cap on generated tokens")
@@ -128,7 +130,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
                                    ("protocol", args.protocol)) if v is not None}
     mqtt_settings = settings.mqtt.model_copy(update=overrides)
-    topic = Topics(mqtt_settings.topic_prefix, args.device or settings.device_id).request
+    topics = Topics(mqtt_settings.topic_prefix, args.device or settings.device_id)
+    topic = topics.fleet_request if args.fleet else topics.request
+    if args.fleet and args.device:
+        print("edge-agent ask: --fleet asks the pool, not one --device", file=sys.stderr)
+        return EXIT_USAGE
     if (args.prompt is None) == (args.template is None):
         print("edge-agent ask: give a prompt or --template, not both", file=sys.stderr)
         return EXIT_USAGE

@@ -119,7 +119,9 @@ def test_a_crash_in_inference_is_answered_internal_and_the_daemon_goes_on(
     """CRASH prompts end the inference process (a fault hook, as ORT GenAI does on some
     inputs). Each of those is answered `internal`; every other request, before and after,
     is answered; the daemon's pid and MQTT session stay the same."""
-    agent = start_agent(broker, client, env=fault_hooks_env(tmp_path / "hooks"), limits__queue_size=32)
+    agent = start_agent(broker, client, env=fault_hooks_env(tmp_path / "hooks"), limits__queue_size=32,
+                        stats_interval_s=1.0)
+    client.subscribe(f"{agent.prefix}/{agent.device_id}/stats")
     pipeline = Pipeline(broker.port, agent.request_topic, agent.response_topic)
     try:
         ids = [f"c{i}" for i in range(12)]
@@ -143,6 +145,7 @@ def test_a_crash_in_inference_is_answered_internal_and_the_daemon_goes_on(
     assert sum(1 for line in agent.log_lines() if line.get("event") == "inference.process_died") == 2
     assert agent.proc is not None and agent.proc.poll() is None
     assert sum(1 for line in agent.log_lines() if line.get("event") == "mqtt.connected") == 1
+    assert client.wait_for(lambda d: d.get("inference_restarts") == 2, timeout=15)
 
 
 def test_a_killed_daemon_leaves_no_inference_process(

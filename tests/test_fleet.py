@@ -93,3 +93,21 @@ def test_fleet_is_a_reserved_device_id(tmp_path: Any) -> None:
     config.write_text('device_id = "fleet"\n')
     with pytest.raises(ConfigError, match="reserved"):
         load_settings(config)
+
+
+def test_ask_fleet_is_answered_by_one_member(broker: Broker, client: Client,
+                                             start_agent: Callable[..., AgentProcess]) -> None:
+    import subprocess
+    import sys
+
+    pool = [start_agent(broker, client, mqtt__shared_group="pool-ask") for _ in range(2)]
+    result = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "hi", "--fleet", "--id", "ask-fleet",
+                             "--port", str(broker.port), "--max-tokens", "4", "--json", "--timeout", "30"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["ok"] and answer["id"] == "ask-fleet"
+    assert sorted(rid for agent in pool for rid in done_ids(agent)) == ["ask-fleet"]
+    both = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "hi", "--fleet", "--device", "x",
+                           "--port", str(broker.port)], capture_output=True, text=True, timeout=60)
+    assert both.returncode == 64

@@ -80,6 +80,7 @@ def test_stats_over_mqtt(broker: Broker, client: Client, start_agent: Callable[.
     assert doc["queue_depth"] == 0 and doc["busy_rejected"] == 0
     assert doc["rss_bytes"] > 10_000_000 and doc["cpu_percent"] >= 0
     assert doc["delivery"] == {"outbox": 0, "outbox_dropped": 0, "store_failures": 0}  # every answer acknowledged
+    assert doc["inference_restarts"] == 0
     assert doc["cameras"] == {} and doc["since"].endswith("Z")
     first = doc["uptime_s"]
     later = client.wait_for(lambda d: "uptime_s" in d and d["uptime_s"] > first, 5)
