@@ -104,7 +104,7 @@ def package_warnings(found: dict[str, str]) -> list[str]:
 def providers_report(folder: Path | None, settings: Any) -> dict[str, Any]:
     from edge_agent.catalog import resolve_model_path
     from edge_agent.hardware import detect
-    from edge_agent.inference.engine import read_genai_config
+    from edge_agent.inference.types import read_genai_config
     from edge_agent.inference.providers import (INSTALL_HINTS, Attempt, Candidate, configured_providers,
                                                 describe, plan, try_load)
 
@@ -282,7 +282,8 @@ def models_pull(args: argparse.Namespace, settings: Any) -> int:
 def models_verify(args: argparse.Namespace, settings: Any) -> int:
     from edge_agent.catalog import resolve_model_path
     from edge_agent.errors import ModelLoadError
-    from edge_agent.inference import GenerationParams, OrtGenaiEngine
+    from edge_agent.inference import GenerationParams
+    from edge_agent.inference.engine import OrtGenaiEngine
 
     model = settings.model
     if args.path:

@@ -207,21 +207,21 @@ import time
 import edge_agent.inference.engine as _engine
 import paho.mqtt.client as _paho
 
-_generate = _engine.OrtGenaiEngine.generate
+_prepare = _engine.OrtGenaiEngine.prepare
 
 
-def generate(self, messages, params, deadline=None, images=()):
-    last = messages[-1]["content"] if messages else ""
+def prepare(self, work):
+    last = work.messages[-1]["content"] if work.messages else ""
     if "BOOM" in last:  # a bug in the inference path
         raise RuntimeError("injected fault")
     if "CRASH" in last:  # the runtime ends the process (it does, on some inputs)
         os._exit(3)
-    if "SLOW" in last:  # a request that keeps the worker busy for a second
+    if "SLOW" in last:  # a prompt that keeps the runtime busy for a second (a long prefill)
         time.sleep(1.0)
-    return _generate(self, messages, params, deadline, images)
+    return _prepare(self, work)
 
 
-_engine.OrtGenaiEngine.generate = generate
+_engine.OrtGenaiEngine.prepare = prepare
 
 import sqlite3
 import edge_agent.store as _store

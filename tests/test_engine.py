@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import ModelLoadError, Timeout, TooLarge
-from edge_agent.inference import GenerationParams, OrtGenaiEngine
+from edge_agent.inference import GenerationParams
+from edge_agent.inference.engine import OrtGenaiEngine
 
 USER = ({"role": "user", "content": "Hello there"},)
 

@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from edge_agent.errors import ErrorCode, ModelLoadError, Timeout, TooLarge
-from edge_agent.inference import EngineProcess, GenerationParams
+from edge_agent.errors import AgentError, ErrorCode, ModelLoadError, Timeout, TooLarge
+from edge_agent.inference import EngineProcess, GenerationParams, Work
 from faults import Pipeline, fault_hooks_env
 from support import AgentProcess, Broker, Client
 
@@ -58,16 +58,29 @@ def test_generates_in_a_child_with_the_errors_of_the_engine(engine: EngineProces
     assert engine.generate(HELLO, GenerationParams(8)).text == done.text  # greedy: the same again
 
 
-def test_a_dead_child_fails_that_request_and_is_replaced(engine: EngineProcess) -> None:
-    first = engine.pid
-    assert first is not None
-    os.kill(first, signal.SIGKILL)
-    with pytest.raises(Exception) as failed:
-        engine.generate(HELLO, GenerationParams(4))
-    assert getattr(failed.value, "code", None) == ErrorCode.INTERNAL
-    assert "signal 9" in str(failed.value)
-    assert engine.pid not in (None, first) and engine.crashes == 1
-    assert engine.generate(HELLO, GenerationParams(4)).generate_ms > 0
+def test_a_dead_child_fails_every_request_in_flight_and_is_replaced(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three requests in the child (the first holds it for a second: a fault hook), the child is
+    killed: all three fail `internal` at once, a new child answers the next."""
+    for key, value in fault_hooks_env(tmp_path / "hooks").items():
+        monkeypatch.setenv(key, value)
+    engine = EngineProcess(tiny_model, "cpu")
+    engine.load()
+    try:
+        first = engine.pid
+        assert first is not None
+        handles = [engine.submit(Work(({"role": "user", "content": text},), GenerationParams(4)))
+                   for text in ("SLOW one", "two", "three")]
+        time.sleep(0.3)
+        os.kill(first, signal.SIGKILL)
+        for handle in handles:
+            with pytest.raises(AgentError) as failed:
+                handle.result()
+            assert failed.value.code == ErrorCode.INTERNAL and "signal 9" in str(failed.value)
+        assert engine.generate(HELLO, GenerationParams(4)).generate_ms > 0
+        assert engine.pid not in (None, first) and engine.crashes == 1 and engine.in_flight == 0
+    finally:
+        engine.close()
 
 
 def test_a_generation_stuck_in_one_call_is_ended_with_its_process(

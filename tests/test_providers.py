@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from edge_agent.errors import ModelLoadError
 from edge_agent.hardware import Gpu, Hardware
-from edge_agent.inference import OrtGenaiEngine
+from edge_agent.inference.engine import OrtGenaiEngine
 from edge_agent.inference.providers import Candidate, choose_and_load, option_text, plan
 from support import cuda_missing
 

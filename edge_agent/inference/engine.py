@@ -1,78 +1,61 @@
-"""Load a model folder with ONNX Runtime GenAI and generate text with its own chat template."""
+"""Load a model folder with ONNX Runtime GenAI: its chat template, prompts, generators, and the
+runtime's batching engine where it has one. Runs only in the inference child (worker.py)."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import onnxruntime_genai as og
 
-from edge_agent.errors import ModelLoadError, Timeout, TooLarge, Unsupported
+from edge_agent.errors import BadRequest, ModelLoadError, TooLarge, Unsupported
 from edge_agent.inference.providers import Attempt, choose_and_load, configured_providers
+from edge_agent.inference.types import (WARMUP_TOKENS, Generation, GenerationParams, Work,
+                                        read_genai_config, takes_images)
 from edge_agent.log import get_logger
 
 log = get_logger("inference")
-WARMUP_TOKENS = 4
+# The batching engine's static cache is sized from search.max_length (8192 for SmolLM2, 2x
+# slower than 1024): requests longer than this run on their own generator instead.
+DEFAULT_BATCH_MAX_LENGTH = 1024
+# Any fixed seed for greedy decoding: without one the runtime seeds its sampler from
+# std::random_device, ~14 ms of CPU per generator on these machines (FACTS.md).
+GREEDY_SEED = 0
 
 
 @dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
+class Prompt:
+    """A request's prompt, ready for a generator: token ids, or processor inputs with images."""
 
-    def search_options(self) -> dict[str, Any]:
-        """ORT GenAI search options; greedy unless the request asks for sampling."""
-        sample = bool(self.temperature) or self.top_p is not None or self.top_k is not None
-        options: dict[str, Any] = {"do_sample": sample}
-        if self.temperature:
-            options["temperature"] = float(self.temperature)
-        if self.top_p is not None:
-            options["top_p"] = float(self.top_p)
-        if self.top_k is not None:
-            options["top_k"] = int(self.top_k)
-        if self.seed is not None:
-            options["random_seed"] = int(self.seed)
-        return options
+    ids: Any  # np.int32 array; None with images
+    inputs: Any  # the multimodal processor's output; None without images
+    length: int
+    budget: int  # tokens it may generate: max_new_tokens within the context
 
 
 @dataclass(frozen=True)
-class Generation:
-    text: str
-    finish_reason: str  # "stop" (end-of-sequence token) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_ms: float | None
-    generate_ms: float
+class Batching:
+    """What the runtime's og.Engine offers for this model: `mode` is "dynamic" (paged attention:
+    requests join and leave at every step), "static" (fixed groups; newcomers wait for the
+    running group) or "off"; `reason` says why in words."""
 
-    @property
-    def tokens_per_s(self) -> float:
-        """Decode speed: tokens after the first over the time after the first (prefill excluded)."""
-        if self.ttft_ms is None or self.completion_tokens < 2 or self.generate_ms <= self.ttft_ms:
-            return 0.0
-        return (self.completion_tokens - 1) / ((self.generate_ms - self.ttft_ms) / 1000)
-
-
-def read_genai_config(folder: Path) -> dict[str, Any]:
-    config_file = folder / "genai_config.json"
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"{folder} is not a model folder: no genai_config.json") from None
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {config_file}: {exc}") from exc
+    mode: str
+    group_size: int
+    max_length: int
+    reason: str
 
 
 class OrtGenaiEngine:
-    """One loaded model. Not thread-safe: the single inference worker owns it."""
+    """One loaded model. Not thread-safe: the child's main loop owns it."""
 
     def __init__(self, folder: Path, provider: str = "auto", fallback: Sequence[str] = ("cpu",),
-                 provider_options: Mapping[str, object] | None = None) -> None:
+                 provider_options: Mapping[str, object] | None = None, *, batching: bool = True,
+                 batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH) -> None:
         self.folder = folder
         self.requested_provider = provider
         self.fallback = tuple(fallback)
@@ -83,19 +66,25 @@ class OrtGenaiEngine:
         eos = model_section.get("eos_token_id", [])
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
         self.name = folder.name
-        # Phi-3(.5)-vision packages say type "phi3v"; they carry a vision session and processor.
-        self.supports_images = model_section.get("type") == "phi3v" or "vision" in model_section
+        self.supports_images = takes_images(genai_config)
+        self._want_batching = batching
+        self._batch_max_length = min(batch_max_length, self.context_length or batch_max_length)
         self._processor: Any = None
         self.provider, self.provider_reason = "", ""
         self.provider_attempts: tuple[Attempt, ...] = ()
+        self.batching = Batching("off", 1, 0, "not loaded")
+        self.og_engine: Any = None  # og.Engine when batching is on
         self._model: Any = None
         self._tokenizer: Any = None
         self._folder_providers = configured_providers(genai_config)
 
     def load(self) -> None:
         started = time.monotonic()
+        overlay = None
+        if self._batchable_runtime() and not self.supports_images:
+            overlay = json.dumps({"search": {"max_length": self._batch_max_length}})
         choice = choose_and_load(self.folder, self.requested_provider, self.fallback,
-                                 self._folder_providers, self.provider_options)
+                                 self._folder_providers, self.provider_options, overlay=overlay)
         self._model, self.provider, self.provider_reason = choice.model, choice.provider, choice.reason
         self.provider_attempts = choice.attempts
         try:
@@ -111,12 +100,46 @@ class OrtGenaiEngine:
                         "tokenizer_config.json: set it to the model's own class, e.g. GPT2Tokenizer "
                         "or LlamaTokenizer, or use a newer onnxruntime-genai)")
             raise ModelLoadError(f"cannot load the tokenizer/processor of {self.folder}: {exc}{hint}") from exc
+        self.batching = self._start_batching()
         log.info("model.loaded", model=self.name, provider=self.provider, reason=self.provider_reason,
-                 context_length=self.context_length, ms=round((time.monotonic() - started) * 1000, 1))
+                 context_length=self.context_length, batching=self.batching.mode,
+                 batching_reason=self.batching.reason, ms=round((time.monotonic() - started) * 1000, 1))
+
+    def _batchable_runtime(self) -> bool:
+        return self._want_batching and hasattr(og, "TurnOptions")
+
+    def _start_batching(self) -> Batching:
+        """og.Engine (0.16+ event API) where the runtime and model have it; else why not."""
+        if not self._want_batching:
+            return Batching("off", 1, 0, "inference.batching = false")
+        if not hasattr(og, "TurnOptions"):
+            return Batching("off", 1, 0, f"onnxruntime-genai {og.__version__} has no batching engine "
+                            "with guidance and cancel (0.16+): one generator per request")
+        if self.supports_images:
+            return Batching("off", 1, 0, "the batching engine has no multimodal path: one generator per request")
+        try:
+            self.og_engine = og.Engine(self._model)
+            caps = self.og_engine.get_capabilities()
+        except Exception as exc:  # noqa: BLE001 - a model the engine refuses still generates alone
+            return Batching("off", 1, 0, f"og.Engine refused the model: {str(exc)[:160]}")
+        group = int(caps.configured_max_batch_size) or 1
+        if int(caps.max_scheduled_tokens) > 0:
+            return Batching("dynamic", group, self._batch_max_length,
+                            f"og.Engine, continuous batching up to {group} (paged attention)")
+        return Batching("static", group, self._batch_max_length,
+                        f"og.Engine, groups of {group}; newcomers wait for the running group")
 
     def warm_up(self) -> Generation:
         return self.generate(({"role": "user", "content": "Hello"},), GenerationParams(WARMUP_TOKENS))
 
+    def generate(self, messages: Sequence[dict[str, str]], params: GenerationParams,
+                 deadline: float | None = None, images: Sequence[bytes] = ()) -> Generation:
+        """One request on its own, start to end (tools and tests; the child uses the Core)."""
+        from edge_agent.inference.core import Core
+
+        return Core(self).run_one(Work(tuple(messages), params, deadline, tuple(images)))
+
+    # --- prompts -----------------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         try:
             return str(self._tokenizer.apply_chat_template(json.dumps(list(messages)),
@@ -127,6 +150,23 @@ class OrtGenaiEngine:
     def prompt_tokens(self, messages: Sequence[dict[str, str]]) -> Any:
         return self._tokenizer.encode(self.chat_prompt(messages))
 
+    def prepare(self, work: Work) -> Prompt:
+        """Tokens (or processor inputs) and the token budget; TooLarge beyond the context."""
+        if work.images:
+            if self._processor is None:
+                raise Unsupported(f"model {self.name} takes no images")
+            inputs, ids = self._image_inputs(work.messages, work.images), None
+            length = int(inputs["input_ids"].shape()[-1])
+        else:
+            inputs, ids = None, np.asarray(self.prompt_tokens(work.messages), dtype=np.int32)
+            length = len(ids)
+        budget = work.params.max_new_tokens
+        if self.context_length:
+            if length >= self.context_length:
+                raise TooLarge(f"prompt is {length} tokens; the model's context is {self.context_length}")
+            budget = min(budget, self.context_length - length)
+        return Prompt(ids, inputs, length, budget)
+
     def _image_inputs(self, messages: Sequence[dict[str, str]], images: Sequence[bytes]) -> Any:
         """Processor inputs: `<|image_N|>` tags lead the last user message, one per image.
         Every image must already be a JPEG or PNG made by us (images.py): ORT GenAI's decoder
@@ -135,49 +175,62 @@ class OrtGenaiEngine:
         tagged = [*messages[:-1], {**messages[-1], "content": tags + messages[-1]["content"]}]
         return self._processor(self.chat_prompt(tagged), images=og.Images.open_bytes(*images))
 
-    def generate(self, messages: Sequence[dict[str, str]], params: GenerationParams,
-                 deadline: float | None = None, images: Sequence[bytes] = ()) -> Generation:
-        """Generate an answer; raises TooLarge for a prompt beyond the context, Timeout past
-        `deadline` (a time.monotonic() value)."""
-        started = time.monotonic()
-        if images:
-            if self._processor is None:
-                raise Unsupported(f"model {self.name} takes no images")
-            inputs = self._image_inputs(messages, images)
-            prompt_len = int(inputs["input_ids"].shape()[-1])
-        else:
-            tokens = self.prompt_tokens(messages)
-            prompt_len = len(tokens)
-        budget = params.max_new_tokens
-        if self.context_length:
-            if prompt_len >= self.context_length:
-                raise TooLarge(f"prompt is {prompt_len} tokens; the model's context is "
-                               f"{self.context_length}")
-            budget = min(budget, self.context_length - prompt_len)
+    def token_stream(self) -> Any:
+        return self._tokenizer.create_stream()
+
+    # --- generators ----------------------------------------------------------------------
+    def generator(self, prompt: Prompt, params: GenerationParams) -> Any:
+        """A generator of its own for one request, prompt already appended."""
         search = og.GeneratorParams(self._model)
+        options = params.search_options()
+        options.setdefault("random_seed", GREEDY_SEED if not params.sampling else secrets.randbits(31))
         # max_length sizes the KV buffer: keep it to what this request can use.
-        search.set_search_options(max_length=prompt_len + budget, **params.search_options())
+        search.set_search_options(max_length=prompt.length + prompt.budget, **options)
+        if params.guidance is not None:
+            set_guidance(search, params.guidance)
         generator = og.Generator(self._model, search)
-        if images:
-            generator.set_inputs(inputs)
+        if prompt.inputs is not None:
+            generator.set_inputs(prompt.inputs)
         else:
-            generator.append_tokens(tokens)
-        stream = self._tokenizer.create_stream()
-        pieces: list[str] = []
-        produced, finish, ttft_ms = 0, "length", None
-        while not generator.is_done():
-            if deadline is not None and time.monotonic() > deadline:
-                raise Timeout(f"deadline passed after {produced} generated tokens")
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            if ttft_ms is None:
-                ttft_ms = (time.monotonic() - started) * 1000
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            produced += 1
-            pieces.append(stream.decode(token))
-        del generator
-        return Generation(text="".join(pieces), finish_reason=finish, prompt_tokens=prompt_len,
-                          completion_tokens=produced, ttft_ms=ttft_ms,
-                          generate_ms=(time.monotonic() - started) * 1000)
+            generator.append_tokens(prompt.ids)
+        return generator
+
+    def batch_turn(self, prompt: Prompt, params: GenerationParams) -> tuple[Any, Any]:
+        """(request, turn) on the batching engine."""
+        request = self.og_engine.create_request()
+        try:
+            options = og.TurnOptions(request)
+            options.set_max_generated_tokens(prompt.budget)
+            options.set_do_sample(params.sampling)
+            if params.temperature:
+                options.set_temperature(float(params.temperature))
+            if params.top_p is not None:
+                options.set_top_p(float(params.top_p))
+            if params.top_k is not None:
+                options.set_top_k(int(params.top_k))
+            if params.guidance is not None:
+                set_guidance(options, params.guidance)
+            return request, request.begin_turn(prompt.ids, options)
+        except BaseException:
+            request.close()
+            raise
+
+    def fits_batch(self, work: Work, prompt: Prompt) -> bool:
+        """Whether the batching engine can run this request exactly as asked."""
+        if self.og_engine is None or work.images:
+            return False
+        if work.params.seed is not None and self.batching.mode != "dynamic":
+            return False  # "A per-turn seed requires an Engine configured for dynamic batching"
+        return prompt.length + prompt.budget <= self.batching.max_length
+
+
+def set_guidance(target: Any, guidance: Any) -> None:
+    """`target` is GeneratorParams or TurnOptions; a schema or pattern the runtime refuses is the
+    request's fault."""
+    if not hasattr(target, "set_guidance"):
+        raise Unsupported(f"onnxruntime-genai {og.__version__} has no guided decoding (response_format)")
+    try:
+        target.set_guidance(guidance.kind, guidance.data)
+    except Exception as exc:  # noqa: BLE001 - ORT GenAI raises plain RuntimeError
+        text = " ".join(str(exc).split())
+        raise BadRequest(f"response_format refused: {text[:300]}") from exc

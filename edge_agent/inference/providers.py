@@ -112,9 +112,12 @@ def plan(requested: str, fallback: Sequence[str], folder_providers: Sequence[str
     return ordered
 
 
-def load_with(folder: Path, cand: Candidate) -> Any:
-    """One load attempt; raises what ORT GenAI raises (RuntimeError)."""
+def load_with(folder: Path, cand: Candidate, overlay: str | None = None) -> Any:
+    """One load attempt; raises what ORT GenAI raises (RuntimeError). `overlay`: JSON laid over
+    the folder's genai_config.json."""
     config = og.Config(str(folder))
+    if overlay:
+        config.overlay(overlay)
     if not cand.keep_folder:
         config.clear_providers()
         if cand.provider != "cpu":
@@ -129,10 +132,10 @@ def short_error(exc: BaseException) -> str:
     return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 1] + "…"
 
 
-def try_load(folder: Path, cand: Candidate) -> tuple[Any, Attempt]:
+def try_load(folder: Path, cand: Candidate, overlay: str | None = None) -> tuple[Any, Attempt]:
     started = time.monotonic()
     try:
-        model = load_with(folder, cand)
+        model = load_with(folder, cand, overlay)
     except Exception as exc:  # noqa: BLE001 - ORT GenAI raises plain RuntimeError
         return None, Attempt(cand.provider, cand.source, short_error(exc), _ms(started))
     return model, Attempt(cand.provider, cand.source, None, _ms(started))
@@ -162,13 +165,13 @@ def describe(requested: str, candidates: Sequence[Candidate], attempts: Sequence
 
 def choose_and_load(folder: Path, requested: str, fallback: Sequence[str] = ("cpu",),
                     folder_providers: Sequence[str] = (), options: Mapping[str, object] | None = None,
-                    hardware_probe: Callable[[], Hardware] = detect) -> Choice:
+                    hardware_probe: Callable[[], Hardware] = detect, overlay: str | None = None) -> Choice:
     """Load the model with the first candidate that works; ModelLoadError when none does."""
     hardware = hardware_probe() if requested == "auto" else None
     candidates = plan(requested, fallback, folder_providers, hardware, options)
     attempts: list[Attempt] = []
     for cand in candidates:
-        model, attempt = try_load(folder, cand)
+        model, attempt = try_load(folder, cand, overlay)
         attempts.append(attempt)
         if model is not None:
             return Choice(model, cand.provider, describe(requested, candidates, attempts), tuple(attempts))

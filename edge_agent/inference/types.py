@@ -1,0 +1,97 @@
+"""What crosses the process boundary between the daemon and the inference child. Pure: the
+daemon imports this module and never onnxruntime_genai (nor numpy)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import ModelLoadError
+
+WARMUP_TOKENS = 4
+# How a generation ended: the model's end token, the token budget, a cancel.
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Constrained decoding for ORT GenAI's `set_guidance`: kind is `json_schema`, `regex` or
+    `lark_grammar`; data is the schema (JSON text), the pattern or the grammar."""
+
+    kind: str
+    data: str
+    json_answer: bool  # the answer is JSON: parse it into the answer's "json"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    guidance: Guidance | None = None
+
+    @property
+    def sampling(self) -> bool:
+        return bool(self.temperature) or self.top_p is not None or self.top_k is not None
+
+    def search_options(self) -> dict[str, Any]:
+        """ORT GenAI search options; greedy unless the request asks for sampling."""
+        options: dict[str, Any] = {"do_sample": self.sampling}
+        if self.temperature:
+            options["temperature"] = float(self.temperature)
+        if self.top_p is not None:
+            options["top_p"] = float(self.top_p)
+        if self.top_k is not None:
+            options["top_k"] = int(self.top_k)
+        if self.seed is not None:
+            options["random_seed"] = int(self.seed)
+        return options
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str  # FINISH_STOP, FINISH_LENGTH or FINISH_CANCELLED
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    generate_ms: float
+    path: str = "single"  # "single" (its own generator) or "batch" (shared with others)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first over the time after the first (prefill excluded)."""
+        if self.ttft_ms is None or self.completion_tokens < 2 or self.generate_ms <= self.ttft_ms:
+            return 0.0
+        return (self.completion_tokens - 1) / ((self.generate_ms - self.ttft_ms) / 1000)
+
+
+@dataclass(frozen=True)
+class Work:
+    """One request handed to the child."""
+
+    messages: tuple[dict[str, str], ...]
+    params: GenerationParams
+    deadline: float | None = None  # time.monotonic(): the same clock in both processes
+    images: tuple[bytes, ...] = ()
+    stream: bool = False  # send each piece of text as it is decoded
+
+
+def read_genai_config(folder: Path) -> dict[str, Any]:
+    config_file = folder / "genai_config.json"
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{folder} is not a model folder: no genai_config.json") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config_file}: {exc}") from exc
+
+
+def takes_images(genai_config: dict[str, Any]) -> bool:
+    """Phi-3(.5)-vision packages say type "phi3v"; they carry a vision session and processor."""
+    model_section = genai_config.get("model", {})
+    return model_section.get("type") == "phi3v" or "vision" in model_section
