@@ -12,13 +12,14 @@ from edge_agent import log as logging_setup
 from edge_agent.errors import AgentError, ErrorCode, Unavailable
 from edge_agent.handler import Job, RequestHandler
 from edge_agent.catalog import is_catalog_name, resolve_model_path
-from edge_agent.inference import EngineProcess, GenerationParams
+from edge_agent.inference import EngineProcess
 from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
 from edge_agent.prompts import PromptTemplate
-from edge_agent.protocol import (Request, RequestError, RequestLimits, Topics,
-                                 choose_reply_topic, encode, error_payload, parse_request)
+from edge_agent.protocol import (Request, RequestError, RequestLimits, Topics, chunk_payload,
+                                 choose_reply_topic, encode, error_payload, parse_cancel, parse_request)
+from edge_agent.structured import parse_response_format
 from edge_agent.cameras import CameraSet
 from edge_agent.reload import CAMERAS, LOGGING, MODEL, MQTT, changed_parts
 from edge_agent.delivery import DUPLICATE, Delivery
@@ -55,6 +56,8 @@ class Agent:
         self._early: list[Incoming] | None = []  # delivered before the worker runs; None after
         self._stopping = threading.Event()
         self._camera_states: dict[str, str] = {}
+        self._jobs_lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}  # accepted, not yet answered: what a cancel can reach
         self._status_at = 0.0
         self._stats_at = time.monotonic()
 
@@ -66,10 +69,10 @@ class Agent:
         self.cameras.start_all()
         self.engine.load()
         self._set_status("starting", model=self.engine.name, provider=self.engine.provider,
-                         provider_reason=self.engine.provider_reason)
+                         provider_reason=self.engine.provider_reason, **self._batching_status())
         self._warm_up(self.engine, self.settings)
         self.handler = self._new_handler()
-        self.scheduler = Scheduler(self.settings.limits.queue_size, self._process)
+        self.scheduler = Scheduler(self.settings.limits.queue_size, self._process, self._max_batch())
         self.scheduler.start()
         self.link.accept_requests(True)
         with self._early_lock:  # requests the broker session held for us while we were away
@@ -119,11 +122,12 @@ class Agent:
             # Its process ends once the request running on it (if any) is done.
             threading.Thread(target=old_engine.close, name="engine-close", daemon=True).start()
             self.status.set(self.status.state, model=engine.name, provider=engine.provider,
-                            provider_reason=engine.provider_reason)
+                            provider_reason=engine.provider_reason, **self._batching_status())
         self.engine.longest_s = new.limits.max_timeout_s
         self.handler = self._new_handler()  # the running job finishes on the handler it has
         if self.scheduler is not None:
             self.scheduler.resize(new.limits.queue_size)
+            self.scheduler.set_workers(self._max_batch())
         if CAMERAS in parts:
             self.cameras.reconfigure(new.cameras)
         if LOGGING in parts:
@@ -187,6 +191,9 @@ class Agent:
                 log.exception("request.unanswered")
 
     def _take(self, incoming: Incoming) -> None:
+        if incoming.topic in (self.topics.cancel, self.topics.fleet_cancel):
+            self._take_cancel(incoming)
+            return
         received = time.monotonic()
         try:
             request = parse_request(incoming.payload, self.limits)
@@ -210,12 +217,35 @@ class Agent:
                 return
             job = Job(request, topic, incoming.correlation_data, received,
                       self._deadline(received, request.timeout_s, incoming.expiry_s), incoming)
+            with self._jobs_lock:
+                self._jobs[request.id] = job
             if not self.scheduler.submit(job):
+                self._forget(job)
                 self._reply_error(topic, request, AgentError(
                     f"queue full ({self.settings.limits.queue_size} waiting)", ErrorCode.BUSY),
                     incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
                 return
             log.info("request.accepted", queue_depth=self.scheduler.depth, reply_topic=topic)
+
+    def _take_cancel(self, incoming: Incoming) -> None:
+        """`{"id"}` on the cancel topic: that request ends, answered with the text it has.
+        Unknown or finished ids change nothing; a malformed cancel gets an error answer."""
+        self.link.ack(incoming)  # nothing to keep: a cancel lost in a crash has nothing to end
+        try:
+            request_id = parse_cancel(incoming.payload, self.limits.max_payload_bytes)
+        except AgentError as exc:
+            self._reply_error(self._error_topic(incoming), None, exc, None)
+            return
+        with self._jobs_lock:
+            job = self._jobs.get(request_id)
+        log.info("request.cancel", request_id=request_id, found=job is not None, topic=incoming.topic)
+        if job is not None:
+            job.cancel()
+
+    def _forget(self, job: Job) -> None:
+        with self._jobs_lock:
+            if self._jobs.get(job.request.id) is job:
+                del self._jobs[job.request.id]
 
     def _default_reply_topic(self, incoming: Incoming) -> str:
         """A fleet request (shared subscription) is answered on the fleet's response topic."""
@@ -239,11 +269,20 @@ class Agent:
 
     def _process(self, job: Job) -> None:
         assert self.handler is not None
-        payload, outcome = self.handler.handle(job)
+        try:
+            payload, outcome = self.handler.handle(job, lambda seq, delta: self._publish_chunk(job, seq, delta))
+        finally:
+            self._forget(job)
         latency_ms = (time.monotonic() - job.received_at) * 1000 if outcome == "ok" else None
         self.stats.requests.count(outcome, latency_ms)
         self.delivery.answer(job.request.id, job.request.id_given, job.reply_topic, payload,
                              job.correlation_data, job.message)
+
+    def _publish_chunk(self, job: Job, seq: int, delta: str) -> None:
+        """Stream chunks: QoS 0, never stored. The final answer carries the whole text, so a
+        chunk lost to a dropped link costs nothing, and none pile up while the broker is away."""
+        self.link.publish(job.reply_topic, chunk_payload(job.request.id, seq, delta),
+                          correlation_data=job.correlation_data, qos=0)
 
     def _reply_error(self, topic: str, request: Request | str | None, exc: AgentError,
                      incoming: Incoming | None, **extra: object) -> None:
@@ -267,12 +306,23 @@ class Agent:
                           on_message=self._on_message, on_connected=self._on_connected,
                           receive_maximum=settings.mqtt.receive_maximum or settings.limits.queue_size + 32,
                           shared_topic=topics.shared_fleet_request(settings.mqtt.shared_group)
-                          if settings.mqtt.shared_group else None)
+                          if settings.mqtt.shared_group else None,
+                          control_topics=(topics.cancel,) + ((topics.fleet_cancel,) if settings.mqtt.shared_group else ()))
 
     def _new_handler(self) -> RequestHandler:
-        return RequestHandler(self.engine, GenerationParams, self.settings.model.max_new_tokens,
+        return RequestHandler(self.engine, self.settings.model.max_new_tokens,
                               ImageGatherer(self.cameras, self.settings.images),
-                              on_generated=lambda done: self.stats.requests.decoded(done.tokens_per_s))
+                              on_generated=lambda done: self.stats.requests.decoded(done.tokens_per_s),
+                              stream_interval_s=self.settings.stream.interval_ms / 1000)
+
+    def _max_batch(self) -> int:
+        """Requests generating at once: the setting, else 8 on CPU and 16 on an accelerator."""
+        configured = self.settings.inference.max_batch
+        return configured or (8 if self.engine.provider in ("cpu", "") else 16)
+
+    def _batching_status(self) -> dict[str, object]:
+        return {"batching": self.engine.batching, "batching_reason": self.engine.batching_reason,
+                "max_batch": self._max_batch()}
 
     @staticmethod
     def _warm_up(engine: EngineProcess, settings: Settings) -> None:
@@ -316,6 +366,7 @@ class Agent:
                 device_id=self.settings.device_id, cameras=self.cameras.info(),
                 queue_depth=self.scheduler.depth if self.scheduler else 0,
                 busy_rejected=self.scheduler.rejected if self.scheduler else 0)
+            doc["in_flight"] = self.scheduler.running if self.scheduler else 0
             doc["delivery"] = self.delivery.stats()
             doc["inference_restarts"] = self.engine.crashes
         except Exception:  # noqa: BLE001 - stats must never take the daemon down
@@ -325,7 +376,8 @@ class Agent:
 
 
 def request_limits(settings: Settings) -> RequestLimits:
-    templates = {name: PromptTemplate(t.text, t.system, t.max_tokens)
+    templates = {name: PromptTemplate(t.text, t.system, t.max_tokens,
+                                      parse_response_format(t.response_format) if t.response_format else None)
                  for name, t in settings.prompts.templates.items()}
     return RequestLimits(settings.limits.max_payload_bytes, settings.limits.max_prompt_chars,
                          settings.model.max_new_tokens, settings.limits.max_timeout_s,
@@ -335,9 +387,12 @@ def request_limits(settings: Settings) -> RequestLimits:
 
 def make_engine(settings: Settings) -> EngineProcess:
     model = settings.model
+    inference = settings.inference
     engine = EngineProcess(resolve_model_path(settings), model.provider, model.fallback, model.provider_options,
                            log_level=settings.log_level, log_format=settings.log_format,
-                           longest_s=settings.limits.max_timeout_s)
+                           longest_s=settings.limits.max_timeout_s, batching=inference.batching,
+                           batch_wait_s=inference.batch_wait_ms / 1000,
+                           batch_max_length=inference.batch_max_length)
     if is_catalog_name(str(model.path)):
         engine.name = str(model.path)  # answers say "phi-3.5-mini-instruct", not the variant folder
     return engine

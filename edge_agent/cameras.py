@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from edge_agent.camera import Camera, validate_cameras
 from edge_agent.errors import BadRequest
 from edge_agent.log import get_logger
 from edge_agent.settings import CameraSettings
 
+if TYPE_CHECKING:
+    from edge_agent.camera import Camera
+
 log = get_logger("camera")
+
+
+def validate_cameras(settings: Any) -> None:
+    """camera.validate_cameras (Settings or its `cameras`), loading OpenCV only if there are any."""
+    _validated(getattr(settings, "cameras", settings))
+
+
+def _validated(cameras: Mapping[str, CameraSettings]) -> Any:
+    """camera.py (OpenCV and numpy, ~40 MB) is loaded only by an agent that has cameras."""
+    if not cameras:
+        return None
+    from edge_agent import camera
+
+    camera.validate_cameras(cameras)
+    return camera
 
 
 class CameraSet:
     """The cameras of the settings, by name; requests can only name these."""
 
     def __init__(self, cameras: Mapping[str, CameraSettings]) -> None:
-        validate_cameras(cameras)
-        self._cameras: dict[str, Camera] = {name: Camera(name, cam) for name, cam in cameras.items()}
+        module = _validated(cameras)
+        self._cameras: dict[str, Camera] = {name: module.Camera(name, cam) for name, cam in cameras.items()}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -46,13 +63,13 @@ class CameraSet:
 
     def reconfigure(self, cameras: Mapping[str, CameraSettings]) -> None:
         """Reopen only what changed: removed and changed cameras stop, new and changed start."""
-        validate_cameras(cameras)
+        module = _validated(cameras)
         stale = [n for n, cam in self._cameras.items() if cameras.get(n) != cam.settings]
         for name in stale:
             self._cameras.pop(name).stop()
         for name, settings in cameras.items():
             if name not in self._cameras:
-                camera = Camera(name, settings)
+                camera = module.Camera(name, settings)
                 camera.start()
                 self._cameras = {**self._cameras, name: camera}  # readers see old or new dict
         log.info("cameras.reconfigured", stopped=stale, running=sorted(self._cameras))

@@ -9,7 +9,7 @@ import time
 from types import FrameType
 
 from edge_agent.app import Agent
-from edge_agent.camera import validate_cameras
+from edge_agent.cameras import validate_cameras
 from edge_agent.catalog import resolve_model_path
 from edge_agent.errors import BrokerError, ConfigError, ModelLoadError
 from edge_agent.health import SystemdNotifier, SystemdService

@@ -1,16 +1,25 @@
-"""Request -> engine -> answer payload. Imports none of paho, cv2 or onnxruntime_genai."""
+"""Request -> frames -> engine -> answer payload. Imports none of paho, cv2 or onnxruntime_genai."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 from edge_agent.errors import AgentError, ErrorCode, Timeout, Unsupported
+from edge_agent.inference.types import FINISH_CANCELLED, Generation, GenerationParams, Guidance, Work
 from edge_agent.log import get_logger
 from edge_agent.protocol import Request, answer_payload, error_payload
+from edge_agent.structured import json_value
 
 log = get_logger("handler")
+
+
+class RunningRequest(Protocol):
+    def result(self) -> Generation: ...
+
+    def cancel(self) -> None: ...
 
 
 class Engine(Protocol):
@@ -18,8 +27,7 @@ class Engine(Protocol):
     provider: str
     supports_images: bool
 
-    def generate(self, messages: tuple[dict[str, str], ...], params: Any,
-                 deadline: float | None = None, images: Sequence[bytes] = ()) -> Any: ...
+    def submit(self, work: Work, on_token: Callable[[str], None] | None = None) -> RunningRequest: ...
 
 
 class Gatherer(Protocol):
@@ -28,7 +36,7 @@ class Gatherer(Protocol):
 
 @dataclass
 class Job:
-    """An accepted request on its way through the queue."""
+    """An accepted request on its way through the queue and the engine."""
 
     request: Request
     reply_topic: str
@@ -36,46 +44,95 @@ class Job:
     received_at: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() after which it must not run
     message: Any = None  # the MQTT message it came in, acknowledged once the answer is safe
+    cancelled: bool = False
+    _running: RunningRequest | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now or time.monotonic()) > self.deadline
+
+    def cancel(self) -> None:
+        """End it with the text it has: queued, it is answered at once when its turn comes."""
+        with self._lock:
+            self.cancelled = True
+            running = self._running
+        if running is not None:
+            running.cancel()
+
+    def running(self, handle: RunningRequest) -> None:
+        with self._lock:
+            self._running = handle
+            cancelled = self.cancelled
+        if cancelled:  # a cancel that came while it was being handed over
+            handle.cancel()
+
+
+class StreamSink:
+    """Coalesces a streamed answer's text into chunks at least `interval_s` apart."""
+
+    def __init__(self, publish: Callable[[int, str], None], interval_s: float) -> None:
+        self._publish = publish  # (seq, delta)
+        self._interval_s = interval_s
+        self._pending: list[str] = []
+        self._sent_at = float("-inf")  # the first piece goes out at once
+        self.seq = 0
+
+    def add(self, text: str) -> None:
+        self._pending.append(text)
+        if time.monotonic() - self._sent_at >= self._interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        delta = "".join(self._pending)
+        if not delta:
+            return
+        self._pending.clear()
+        self.seq += 1
+        self._sent_at = time.monotonic()
+        self._publish(self.seq, delta)
 
 
 class RequestHandler:
     """Turns a job into the payload of its answer; every failure becomes an error payload."""
 
-    def __init__(self, engine: Engine, make_params: Any, max_new_tokens: int,
-                 gatherer: Gatherer | None = None,
-                 on_generated: Callable[[Any], None] | None = None) -> None:
+    def __init__(self, engine: Engine, max_new_tokens: int, gatherer: Gatherer | None = None,
+                 on_generated: Callable[[Generation], None] | None = None,
+                 stream_interval_s: float = 0.1) -> None:
         self._engine = engine
-        self._make_params = make_params  # GenerationParams constructor, kept out of this module
         self._max_new_tokens = max_new_tokens
         self._gatherer = gatherer
         self._on_generated = on_generated  # sees each engine result (stats: decode speed)
+        self._stream_interval_s = stream_interval_s
 
-    def handle(self, job: Job) -> tuple[bytes, str]:
-        """Returns (payload, outcome) where outcome is "ok" or an error code."""
+    def handle(self, job: Job, publish_chunk: Callable[[int, str], None] | None = None) -> tuple[bytes, str]:
+        """Returns (payload, outcome) where outcome is "ok" or an error code. `publish_chunk`
+        sends a streamed request's chunks (seq, delta)."""
         request = job.request
         started = time.monotonic()
         if job.expired(started):
-            return self._error(request.id, Timeout("deadline passed while the request was queued"))
-        params = self._make_params(
-            max_new_tokens=request.max_tokens or self._max_new_tokens,
-            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-            seed=request.seed)
+            return self._error(request, Timeout("deadline passed while the request was queued"))
+        sink = StreamSink(publish_chunk, self._stream_interval_s) if request.stream and publish_chunk else None
+        frames = None
         try:
-            images, frames = self._images(request)
-            result = self._engine.generate(request.messages, params, job.deadline, images)
+            if job.cancelled:
+                result = _nothing_generated()
+            else:
+                images, frames = self._images(request)
+                handle = self._engine.submit(self._work(job, images), sink.add if sink else None)
+                job.running(handle)
+                result = handle.result()
         except AgentError as exc:
-            return self._error(request.id, exc)
+            return self._error(request, exc)
         except Exception as exc:  # noqa: BLE001 - one failing request must not stop the worker
             log.exception("request.failed")
-            return error_payload(request.id, ErrorCode.INTERNAL,
-                                 f"internal error: {type(exc).__name__}"), ErrorCode.INTERNAL.value
+            return error_payload(request.id, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}",
+                                 done=request.stream), ErrorCode.INTERNAL.value
+        if sink is not None:
+            sink.flush()
         finished = time.monotonic()
-        if self._on_generated is not None:
+        if self._on_generated is not None and result.completion_tokens:
             self._on_generated(result)
-        log.info("request.done", finish_reason=result.finish_reason,
+        log.info("request.done", finish_reason=result.finish_reason, path=result.path,
                  prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                  ms=round((finished - job.received_at) * 1000, 1))
         return answer_payload(
@@ -84,8 +141,27 @@ class RequestHandler:
             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
             queue_ms=(started - job.received_at) * 1000, ttft_ms=result.ttft_ms,
             total_ms=(finished - job.received_at) * 1000, tokens_per_s=result.tokens_per_s,
-            frames=frames,
+            frames=frames, extra=self._extra(request, result),
         ), "ok"
+
+    def _work(self, job: Job, images: list[bytes]) -> Work:
+        request, rf = job.request, job.request.response_format
+        params = GenerationParams(
+            max_new_tokens=request.max_tokens or self._max_new_tokens, temperature=request.temperature,
+            top_p=request.top_p, top_k=request.top_k, seed=request.seed,
+            guidance=Guidance(rf.kind, rf.data, rf.json_answer) if rf is not None else None)
+        return Work(request.messages, params, job.deadline, tuple(images), request.stream)
+
+    @staticmethod
+    def _extra(request: Request, result: Generation) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if request.response_format is not None and request.response_format.json_answer:
+            parsed, value = json_value(result.text)
+            if parsed:
+                extra["json"] = value
+        if request.stream:
+            extra["done"] = True
+        return extra
 
     def _images(self, request: Request) -> tuple[list[bytes], list[dict[str, Any]] | None]:
         if not request.image_count:
@@ -98,6 +174,12 @@ class RequestHandler:
         return self._gatherer.gather(request)
 
     @staticmethod
-    def _error(request_id: str, exc: AgentError) -> tuple[bytes, str]:
+    def _error(request: Request, exc: AgentError) -> tuple[bytes, str]:
         log.info("request.rejected", code=exc.code.value, reason=exc.message)
-        return error_payload(request_id, exc.code, exc.message), exc.code.value
+        return error_payload(request.id, exc.code, exc.message, done=request.stream), exc.code.value
+
+
+def _nothing_generated() -> Generation:
+    """The answer of a request cancelled before it started."""
+    return Generation(text="", finish_reason=FINISH_CANCELLED, prompt_tokens=0, completion_tokens=0,
+                      ttft_ms=None, generate_ms=0.0)

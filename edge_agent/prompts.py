@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 VAR_NAME = re.compile(r"[a-z_][a-z0-9_]*")  # used with fullmatch
 
@@ -21,6 +21,7 @@ class PromptTemplate:
     text: str
     system: str | None = None
     max_tokens: int | None = None  # default and cap of the request's max_tokens
+    response_format: Any = None  # structured.ResponseFormat the answers are held to, if any
 
 
 def template_fields(text: str) -> tuple[str, ...]:

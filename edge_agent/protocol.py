@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from edge_agent.errors import AgentError, BadRequest, ErrorCode, Forbidden, TooLarge
 from edge_agent.prompts import VAR_NAME, PromptTemplate, render_template, template_fields
 from edge_agent.strictjson import decode_json_object, json_type
+from edge_agent.structured import ResponseFormat, parse_response_format
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
@@ -22,7 +23,7 @@ ROLES = ("system", "user", "assistant")
 REQUEST_FIELDS = frozenset({"id", "prompt", "messages", "system", "max_tokens", "temperature",
                             "top_p", "top_k", "seed", "reply_to", "timeout_s",
                             "camera", "frames", "interval_ms", "images", "include_frame",
-                            "template", "vars"})
+                            "template", "vars", "stream", "response_format"})
 FREE_TEXT_FIELDS = ("prompt", "messages", "system")  # refused when free prompts are not allowed
 MAX_FRAMES = 8
 MAX_INTERVAL_MS = 10_000
@@ -60,6 +61,16 @@ class Topics:
     @property
     def stats(self) -> str:
         return f"{self.base}/stats"
+
+    @property
+    def cancel(self) -> str:
+        """`{"id": ...}` here ends that request, queued or running."""
+        return f"{self.base}/cancel"
+
+    @property
+    def fleet_cancel(self) -> str:
+        """Every member subscribes (not shared): whichever took the request ends it."""
+        return f"{self.prefix}/fleet/cancel"
 
     @property
     def fleet_request(self) -> str:
@@ -104,6 +115,8 @@ class Request:
     images: tuple[str, ...] = ()  # base64 text, decoded and sanitized by the worker
     include_frame: bool = False
     template: str | None = None  # the name of the template the messages were made from
+    stream: bool = False  # publish the text in chunks as it is generated
+    response_format: ResponseFormat | None = None  # constrained decoding; None: free text
     id_given: bool = True  # False: the id was generated here, so a re-send cannot be recognised
 
     @property
@@ -268,6 +281,11 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
         if template is not None and template.max_tokens:
             token_cap = min(template.max_tokens, token_cap)
         max_tokens = _number(obj, "max_tokens", 1, token_cap, integer=True)
+        stream = obj.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest(f"'stream' must be true or false, got {json_type(stream)}")
+        response_format = (parse_response_format(obj["response_format"]) if "response_format" in obj
+                           else template.response_format if template is not None else None)
         return Request(
             id=checked_id,
             id_given="id" in obj,
@@ -279,6 +297,8 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
             top_k=_number(obj, "top_k", 1, MAX_TOP_K, integer=True),
             seed=_number(obj, "seed", 0, MAX_SEED, integer=True),
             reply_to=reply_to,
+            stream=stream,
+            response_format=response_format,
             timeout_s=_number(obj, "timeout_s", 0, limits.max_timeout_s, integer=False, low_open=True),
             **vision,
         )
@@ -369,8 +389,10 @@ def encode(payload: dict[str, Any]) -> bytes:
 
 def answer_payload(request_id: str, *, text: str, finish_reason: str, model: str, provider: str,
                    prompt_tokens: int, completion_tokens: int, queue_ms: float, ttft_ms: float | None,
-                   total_ms: float, tokens_per_s: float, frames: list[dict[str, Any]] | None = None) -> bytes:
-    extra = {"frames": frames} if frames is not None else {}
+                   total_ms: float, tokens_per_s: float, frames: list[dict[str, Any]] | None = None,
+                   extra: Mapping[str, Any] | None = None) -> bytes:
+    """`extra`: "json" (a structured answer's value), "done" (the end of a stream)."""
+    extra = {**(extra or {}), **({"frames": frames} if frames is not None else {})}
     return encode({
         "id": request_id, "ok": True, "text": text, "finish_reason": finish_reason,
         "model": model, "provider": provider,
@@ -382,7 +404,25 @@ def answer_payload(request_id: str, *, text: str, finish_reason: str, model: str
     })
 
 
-def error_payload(request_id: str | None, code: ErrorCode, message: str,
+def error_payload(request_id: str | None, code: ErrorCode, message: str, *, done: bool = False,
                   **extra: Any) -> bytes:
+    """`done`: the request asked to stream; its error ends the stream too."""
     return encode({"id": request_id, "ok": False,
-                   "error": {"code": code.value, "message": message, **extra}})
+                   "error": {"code": code.value, "message": message, **extra},
+                   **({"done": True} if done else {})})
+
+
+def chunk_payload(request_id: str, seq: int, delta: str) -> bytes:
+    """One piece of a streamed answer: `seq` counts from 1 without gaps."""
+    return encode({"id": request_id, "seq": seq, "delta": delta, "done": False})
+
+
+def parse_cancel(payload: bytes, max_bytes: int) -> str:
+    """The id of a cancel message `{"id": "..."}`; BadRequest naming the problem."""
+    obj = decode_json_object(payload, max_bytes)
+    unknown = sorted(set(obj) - {"id"})
+    if unknown:
+        raise BadRequest("a cancel takes only 'id'; unknown field(s): " + ", ".join(repr(k[:64]) for k in unknown[:5]))
+    if "id" not in obj:
+        raise BadRequest("a cancel needs the 'id' of the request to end")
+    return _check_id(obj)

@@ -34,7 +34,7 @@ def changed_parts(old: Settings, new: Settings) -> set[str]:
     old_mqtt, new_mqtt = old.mqtt.model_dump(exclude=set(LIVE_MQTT_KEYS)), new.mqtt.model_dump(exclude=set(LIVE_MQTT_KEYS))
     if old_mqtt != new_mqtt or old.device_id != new.device_id:
         parts.add(MQTT)
-    if any(getattr(old.model, k) != getattr(new.model, k) for k in MODEL_KEYS):
+    if any(getattr(old.model, k) != getattr(new.model, k) for k in MODEL_KEYS) or old.inference != new.inference:
         parts.add(MODEL)
     if old.cameras != new.cameras:
         parts.add(CAMERAS)

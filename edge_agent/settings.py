@@ -157,17 +157,48 @@ class LimitsSettings(_Strict):
     max_timeout_s: float = Field(3600.0, gt=0, description="largest timeout_s a request may ask")
 
 
+class InferenceSettings(_Strict):
+    max_batch: int | None = Field(None, ge=1, le=256, description="requests generating at once "
+                                  "(the rest wait in the queue); default 8 on CPU, 16 on an accelerator")
+    batching: bool = Field(True, description="let requests share the runtime's batching engine "
+                           "(og.Engine, onnxruntime-genai 0.16+); false: each its own generator, interleaved")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="CPU (static) batching: how long a "
+                                 "request that finds the engine idle waits for others to start with it")
+    batch_max_length: int = Field(1024, ge=64, le=131072, description="the batching engine's cache per "
+                                  "request (prompt + answer tokens); longer requests run on their own generator")
+
+
+class StreamSettings(_Strict):
+    interval_ms: int = Field(100, ge=0, le=60_000, description="chunks of a streamed answer are at "
+                             "least this far apart (tokens in between are coalesced)")
+
+
 class TemplateSettings(_Strict):
     text: str = Field(min_length=1, description="the user message; each {name} is replaced by the "
                       "request's vars.name (plain {name} fields only; '{{' and '}}' for braces)")
     system: str | None = Field(None, min_length=1, description="system message sent before it")
     max_tokens: int | None = Field(None, ge=1, le=32768, description="default and cap of the "
                                    "request's max_tokens (at most model.max_new_tokens)")
+    response_format: dict[str, Any] | None = Field(None, description="as a request's response_format "
+                                                   "(docs/protocol.md); a request's own one wins")
 
     @field_validator("text")
     @classmethod
     def _plain_fields(cls, value: str) -> str:
         template_fields(value)  # ValueError names the bad field
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from edge_agent.errors import AgentError
+            from edge_agent.structured import parse_response_format
+
+            try:
+                parse_response_format(value)
+            except AgentError as exc:
+                raise ValueError(exc.message) from None
         return value
 
 
@@ -201,6 +232,8 @@ class Settings(BaseSettings):
     images: ImageSettings = Field(default_factory=ImageSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     prompts: PromptSettings = Field(default_factory=PromptSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
     shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running request")
     state_dir: Path = Field(Path("/var/lib/edge-agent"), description="models pulled from the catalog "
                             "and the state database (outbox, request ids seen) live here")

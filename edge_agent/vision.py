@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edge_agent.camera import Frame
 from edge_agent.cameras import CameraSet
-from edge_agent.images import decode_base64_image, encode_frame, sanitize
 from edge_agent.protocol import Request
 from edge_agent.settings import ImageSettings
+
+
+if TYPE_CHECKING:
+    from edge_agent.camera import Frame
 
 
 def _iso(epoch_s: float) -> str:
@@ -26,6 +28,9 @@ class ImageGatherer:
     def gather(self, request: Request) -> tuple[list[bytes], list[dict[str, Any]] | None]:
         """JPEG bytes in prompt order (cameras first, then payload images) and the frames'
         metadata for the answer (None when no camera was used)."""
+        # OpenCV and numpy (~40 MB) load with the first request that has images, not before.
+        from edge_agent.images import decode_base64_image, encode_frame, sanitize
+
         jpegs: list[bytes] = []
         frames: list[tuple[Frame, bytes]] = []
         for name in request.cameras:

@@ -80,6 +80,9 @@ WRONG_TYPES: dict[str, list[Any]] = {
     "include_frame": ["yes", 1, None],
     "template": [5, None, ["door"]],
     "vars": [5, None, ["door"]],
+    "stream": ["yes", 1, None, []],
+    "response_format": ["json", 5, None, [], {}, {"type": 5}, {"type": "json_schema", "json_schema": "x"},
+                        {"type": "regex", "regex": 5}, {"type": "lark", "grammar": ""}],
 }
 
 # Numbers in range for their type, out of range for the field.

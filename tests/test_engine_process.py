@@ -130,10 +130,11 @@ def test_a_load_failure_is_a_model_load_error_and_leaves_no_child(tmp_path: Path
 def test_a_crash_in_inference_is_answered_internal_and_the_daemon_goes_on(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
     """CRASH prompts end the inference process (a fault hook, as ORT GenAI does on some
-    inputs). Each of those is answered `internal`; every other request, before and after,
-    is answered; the daemon's pid and MQTT session stay the same."""
+    inputs). One request at a time here (inference.max_batch = 1): each crash is answered
+    `internal`; every other request, before and after, is answered; the daemon's pid and MQTT
+    session stay the same. (Several in flight: test_concurrency.py.)"""
     agent = start_agent(broker, client, env=fault_hooks_env(tmp_path / "hooks"), limits__queue_size=32,
-                        stats_interval_s=1.0)
+                        stats_interval_s=1.0, inference__max_batch=1)
     client.subscribe(f"{agent.prefix}/{agent.device_id}/stats")
     pipeline = Pipeline(broker.port, agent.request_topic, agent.response_topic)
     try:

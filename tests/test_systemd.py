@@ -187,17 +187,17 @@ def test_scheduler_progress_idle_busy_stuck_and_dead() -> None:
     job = Job(parse_request(b'{"prompt": "hi"}', request_limits(Settings())), "r",
               deadline=time.monotonic() + 5)
     assert worker.submit(job)
-    _wait(lambda: worker.busy is not None)
-    started, deadline = worker.busy  # type: ignore[misc]
+    _wait(lambda: worker.running == 1)
+    started, deadline = next(w.busy for w in worker._workers if w.busy is not None)  # type: ignore[misc]
     grace = scheduler_module.STUCK_GRACE_S
     assert worker.progressing(60, now=deadline + grace - 0.1)
     assert not worker.progressing(60, now=deadline + grace + 0.1)  # past its deadline: wedged
     assert not worker.progressing(1, now=started + 1 + grace + 0.1)  # the budget caps the deadline
     assert not worker.progressing(60, now=time.monotonic() + 3600)
     release.set()
-    _wait(lambda: worker.busy is None)
+    _wait(lambda: worker.running == 0)
     assert worker.progressing(60)
-    assert not worker.progressing(60, now=worker.last_beat + scheduler_module.IDLE_STALE_S + 0.1)
+    assert not worker.progressing(60, now=worker._workers[0].last_beat + scheduler_module.IDLE_STALE_S + 0.1)
     worker.stop(1)
     assert not worker.progressing(60)
 
@@ -261,7 +261,7 @@ def test_wedged_worker_stops_the_pings(bare_agent: tuple[Agent, threading.Event]
     # The worker takes a job due in 0.3 s and never comes back.
     job = Job(parse_request(b'{"prompt": "hi"}', agent.limits), "r", deadline=time.monotonic() + 0.3)
     assert agent.scheduler.submit(job)
-    _wait(lambda: agent.scheduler is not None and agent.scheduler.busy is not None)
+    _wait(lambda: agent.scheduler is not None and agent.scheduler.running > 0)
     time.sleep(0.1)
     service.tick(serving=False)
     assert notify_socket.receive() == {"WATCHDOG": "1"}  # busy, but within its deadline

@@ -94,18 +94,17 @@ class Core:
             prompt = self._engine.prepare(work)
             run = Run(rid, work, prompt, self._engine.token_stream(), "single", received)
             mode = self._engine.batching.mode
-            if not self._engine.fits_batch(work, prompt):
-                self._start_single(run)
-            elif mode == "dynamic":
-                self._start_single(run) if not self.active else self._start_batch(run)
-            elif self._batch:
-                self._start_batch(run)  # waits for the running group (the engine queues it)
-            else:
-                if not self._gathering:
-                    self._gather_since = received
-                self._gathering.append(run)
         except AgentError as exc:
             return [("failed", rid, exc)]
+        if not self._engine.fits_batch(work, prompt):
+            return self._start(run, single=True)
+        if mode == "dynamic":
+            return self._start(run, single=not self.active)
+        if self._batch:
+            return self._start(run, single=False)  # waits for the running group (the engine queues it)
+        if not self._gathering:
+            self._gather_since = received
+        self._gathering.append(run)
         return []
 
     def cancel(self, rid: int) -> list[Event]:
@@ -152,14 +151,18 @@ class Core:
     def _start_group(self) -> list[Event]:
         group, self._gathering = self._gathering, []
         alone = len(group) == 1 and not self._batch and not self._single
-        events: list[Event] = []
-        for run in group:
-            try:
-                # alone after all: its own generator is fastest
-                self._start_single(run) if alone else self._start_batch(run)
-            except AgentError as exc:
-                events.append(("failed", run.rid, exc))
-        return events
+        # alone after all: its own generator is fastest
+        return [event for run in group for event in self._start(run, single=alone)]
+
+    def _start(self, run: Run, *, single: bool) -> list[Event]:
+        """Start generating; a failure to start is that request's alone."""
+        try:
+            self._start_single(run) if single else self._start_batch(run)
+        except AgentError as exc:
+            return [("failed", run.rid, exc)]
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which answers `internal`
+            return [("failed", run.rid, f"{type(exc).__name__}: {exc}")]
+        return []
 
     def fail_all(self, text: str) -> list[Event]:
         """The runtime raised where no request could be blamed: every request in flight fails."""
@@ -191,9 +194,10 @@ class Core:
             return self._end_single(run, run.finish or FINISH_LENGTH)
         generator.generate_next_token()
         piece = run.take(int(generator.get_next_tokens()[0]), self._engine.eos_ids)
+        events: list[Event] = [("token", run.rid, piece)] if piece is not None and run.work.stream else []
         if piece is None or len(run.pieces) >= run.prompt.budget:
-            return self._end_single(run, run.finish or FINISH_LENGTH)
-        return [("token", run.rid, piece)] if run.work.stream else []
+            events.extend(self._end_single(run, run.finish or FINISH_LENGTH))
+        return events
 
     def _end_single(self, run: Run, finish: str) -> list[Event]:
         del self._single[run.rid]

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnxruntime_genai as og
@@ -188,7 +189,8 @@ class OrtGenaiEngine:
         search.set_search_options(max_length=prompt.length + prompt.budget, **options)
         if params.guidance is not None:
             set_guidance(search, params.guidance)
-        generator = og.Generator(self._model, search)
+        with grammar_errors():  # the grammar is compiled here, not in set_guidance
+            generator = og.Generator(self._model, search)
         if prompt.inputs is not None:
             generator.set_inputs(prompt.inputs)
         else:
@@ -210,7 +212,8 @@ class OrtGenaiEngine:
                 options.set_top_k(int(params.top_k))
             if params.guidance is not None:
                 set_guidance(options, params.guidance)
-            return request, request.begin_turn(prompt.ids, options)
+            with grammar_errors():
+                return request, request.begin_turn(prompt.ids, options)
         except BaseException:
             request.close()
             raise
@@ -225,12 +228,21 @@ class OrtGenaiEngine:
 
 
 def set_guidance(target: Any, guidance: Any) -> None:
-    """`target` is GeneratorParams or TurnOptions; a schema or pattern the runtime refuses is the
-    request's fault."""
+    """`target` is GeneratorParams or TurnOptions."""
     if not hasattr(target, "set_guidance"):
         raise Unsupported(f"onnxruntime-genai {og.__version__} has no guided decoding (response_format)")
-    try:
+    with grammar_errors(always=True):
         target.set_guidance(guidance.kind, guidance.data)
+
+
+@contextmanager
+def grammar_errors(*, always: bool = False) -> Iterator[None]:
+    """A schema, pattern or grammar the runtime refuses is the request's fault: bad_request
+    with the runtime's words. `always`: every error here is one (set_guidance)."""
+    try:
+        yield
     except Exception as exc:  # noqa: BLE001 - ORT GenAI raises plain RuntimeError
         text = " ".join(str(exc).split())
-        raise BadRequest(f"response_format refused: {text[:300]}") from exc
+        if always or "grammar" in text.lower():
+            raise BadRequest(f"response_format refused: {text[:300]}") from exc
+        raise

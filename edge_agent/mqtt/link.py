@@ -32,10 +32,11 @@ class BrokerLink:
     def __init__(self, settings: MqttSettings, client_id: str, *, request_topic: str,
                  will_topic: str, will_payload: bytes, on_message: Callable[[Incoming], None],
                  on_connected: Callable[[], None], shared_topic: str | None = None,
-                 receive_maximum: int = 65535) -> None:
+                 receive_maximum: int = 65535, control_topics: tuple[str, ...] = ()) -> None:
         self._settings = settings
         self._receive_maximum = receive_maximum
-        self._request_topics = [t for t in (request_topic, shared_topic) if t]
+        # control_topics (cancel) come and go with the request topics, through the same callback
+        self._request_topics = [t for t in (request_topic, shared_topic, *control_topics) if t]
         self._shared_topic = shared_topic
         self._on_message = on_message
         self._on_connected = on_connected
