@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     snap.add_argument("-o", "--output", help="JPEG file to write (default: <camera>.jpg)")
     snap.add_argument("--config", help=config_help)
     ask.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    ask.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    ask.add_argument("--response-format", metavar="JSON",
+                     help='hold the answer to a format, e.g. \'{"type": "json_object"}\' (docs/protocol.md)')
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     add_model_commands(commands, config_help)  # providers, models list|pull|verify
     return parser
@@ -157,6 +160,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
     for key, value in (("frames", args.frames), ("interval_ms", args.interval_ms)):
         if value is not None:
             request[key] = value
+    if args.stream:
+        request["stream"] = True
+    if args.response_format is not None:
+        try:
+            request["response_format"] = json.loads(args.response_format)
+        except ValueError as exc:
+            print(f"edge-agent ask: --response-format is not JSON: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.image:
         try:
             request["images"] = [base64.b64encode(Path(f).read_bytes()).decode("ascii") for f in args.image]
@@ -167,8 +178,20 @@ def cmd_ask(args: argparse.Namespace) -> int:
     def make_payload(reply_to: str | None) -> bytes:
         return encode({**request, "reply_to": reply_to} if reply_to else request)
 
+    streamed: list[str] = []
+
+    def print_chunk(payload: bytes) -> bool:
+        doc = json.loads(payload)
+        if not isinstance(doc, dict) or "seq" not in doc:
+            return False
+        streamed.append(doc["delta"])
+        if not args.json:
+            print(doc["delta"], end="", flush=True)
+        return True
+
     try:
-        raw = ask_once(mqtt_settings, topic, make_payload, args.timeout)
+        raw = ask_once(mqtt_settings, topic, make_payload, args.timeout,
+                       on_chunk=print_chunk if args.stream else None)
     except BrokerError as exc:
         print(f"edge-agent ask: {exc}", file=sys.stderr)
         return EXIT_NO_ANSWER
@@ -179,7 +202,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2, ensure_ascii=False))
     elif answer.get("ok"):
-        print(answer["text"])
+        # Streamed: the rest of the text (all of it if chunks were lost); else the whole text.
+        shown = "".join(streamed)
+        print(answer["text"][len(shown):] if answer["text"].startswith(shown) else "\n" + answer["text"])
     else:
         print(f"error {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
     return EXIT_ANSWERED if answer.get("ok") else EXIT_ERROR_ANSWER

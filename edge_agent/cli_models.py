@@ -150,7 +150,23 @@ def providers_report(folder: Path | None, settings: Any) -> dict[str, Any]:
     chosen = next((a.provider for a in replay if a.error is None), None)
     report["auto"] = {"provider": chosen, "reason": describe("auto", candidates, replay),
                       "tried": [c.provider for c in candidates]}
+    report["batching"] = batching_report(folder, chosen, settings) if chosen else None
     return report
+
+
+def batching_report(folder: Path, provider: str, settings: Any) -> dict[str, Any]:
+    """How requests would share the model on that provider (one more load, with og.Engine)."""
+    from edge_agent.errors import ModelLoadError
+    from edge_agent.inference.engine import OrtGenaiEngine
+
+    engine = OrtGenaiEngine(folder, provider, (), settings.model.provider_options,
+                            batching=settings.inference.batching,
+                            batch_max_length=settings.inference.batch_max_length)
+    try:
+        engine.load()
+    except ModelLoadError as exc:
+        return {"mode": "unknown", "reason": str(exc)}
+    return {"mode": engine.batching.mode, "reason": engine.batching.reason, "group": engine.batching.group_size}
 
 
 def print_providers(report: dict[str, Any]) -> None:
@@ -182,6 +198,8 @@ def print_providers(report: dict[str, Any]) -> None:
     auto = report["auto"]
     print(f"auto would use: {auto['provider'] or 'nothing (every candidate failed)'}")
     print(f"  why: {auto['reason']}")
+    if report.get("batching"):
+        print(f"Batching there: {report['batching']['mode']} ({report['batching']['reason']})")
 
 
 def cmd_providers(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ def test_providers_report(config: Path, tiny_model: Path) -> None:
     assert not rows["cuda"]["ok"] and cuda_missing(tiny_model) in rows["cuda"]["error"]
     assert "pip install onnxruntime-genai-cuda" in rows["cuda"]["hint"]
     assert report["auto"]["provider"] == "cpu" and report["auto"]["reason"].startswith("auto: ")
+    assert report["batching"]["mode"] in ("static", "off") and report["batching"]["reason"]
 
 
 def test_providers_text_without_a_model(tmp_path: Path) -> None:

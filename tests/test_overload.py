@@ -196,7 +196,8 @@ def test_receive_maximum_paces_what_the_broker_hands_over(
     Receive Maximum: the broker never has more unacknowledged requests out to it. With 1, the
     requests sent while a slow one runs wait at the broker and arrive one by one (the queue
     never holds two); with the default (queue_size + 32) they all arrive at once and queue."""
-    overrides: dict[str, Any] = {"limits__queue_size": 8}
+    # One worker: more would take the queued requests on to the inference child at once.
+    overrides: dict[str, Any] = {"limits__queue_size": 8, "inference__max_batch": 1}
     if receive_maximum is not None:
         overrides["mqtt__receive_maximum"] = receive_maximum
     agent = start_agent(broker, client, env=fault_hooks_env(tmp_path / "hooks"), **overrides)

@@ -68,7 +68,10 @@ def test_ask_exit_codes(real_agent: AgentProcess, broker: Broker) -> None:
     assert nobody.returncode == 2 and "no answer" in nobody.stderr
 
 
-def test_waiting_request_times_out_behind_a_long_one(real_agent: AgentProcess, client: Client) -> None:
+def test_waiting_request_times_out_behind_a_long_one(broker: Broker, client: Client, smollm2_model: Path,
+                                                     start_agent: Callable[..., AgentProcess]) -> None:
+    # One request at a time (inference.max_batch = 1): the second waits in the queue.
+    real_agent = start_agent(broker, client, model=smollm2_model, model__max_new_tokens=128, inference__max_batch=1)
     client.subscribe(real_agent.response_topic)
     client.publish(real_agent.request_topic, json.dumps({"id": "long", "prompt": LONG_STORY, "max_tokens": 128}))
     client.publish(real_agent.request_topic, json.dumps({"id": "hurry", "prompt": "hi", "timeout_s": 0.05}))
@@ -80,7 +83,9 @@ def test_waiting_request_times_out_behind_a_long_one(real_agent: AgentProcess, c
 
 def test_sigterm_finishes_running_answers_queued_unavailable(
         broker: Broker, client: Client, smollm2_model: Path, start_agent: Callable[..., AgentProcess]) -> None:
-    agent = start_agent(broker, client, model=smollm2_model, model__max_new_tokens=128, shutdown_grace_s=30)
+    # One request at a time (inference.max_batch = 1): one runs, two wait in the queue.
+    agent = start_agent(broker, client, model=smollm2_model, model__max_new_tokens=128, shutdown_grace_s=30,
+                        inference__max_batch=1)
     client.subscribe(agent.response_topic)
     for n in range(3):
         client.publish(agent.request_topic, json.dumps({"id": f"s{n}", "prompt": LONG_STORY, "max_tokens": 128}))

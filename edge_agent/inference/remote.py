@@ -111,7 +111,10 @@ class EngineProcess:
             self._start()
 
     def warm_up(self) -> Generation:
-        return self.generate(({"role": "user", "content": "Hello"},), GenerationParams(WARMUP_TOKENS))
+        """A short generation; with batching, two at once, so the batch path is warm too."""
+        work = Work(({"role": "user", "content": "Hello"},), GenerationParams(WARMUP_TOKENS))
+        handles = [self.submit(work) for _ in range(2 if self.batching != "off" else 1)]
+        return [handle.result() for handle in handles][0]
 
     def generate(self, messages: Sequence[dict[str, str]], params: GenerationParams,
                  deadline: float | None = None, images: Sequence[bytes] = ()) -> Generation:

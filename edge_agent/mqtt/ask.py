@@ -18,11 +18,12 @@ from edge_agent.settings import MqttSettings
 
 
 def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[[str | None], bytes],
-             timeout_s: float) -> bytes | None:
+             timeout_s: float, on_chunk: Callable[[bytes], bool] | None = None) -> bytes | None:
     """Publish one request and wait for its answer; None: no answer in time.
 
     MQTT 5 uses the Response Topic and Correlation Data properties; 3.1.1 has neither, so
-    `make_payload` gets the private reply topic to put in the request's `reply_to`."""
+    `make_payload` gets the private reply topic to put in the request's `reply_to`.
+    `on_chunk` sees every message first and returns True for a stream chunk (not the answer)."""
     correlation = uuid.uuid4().bytes
     reply_topic = f"{request_topic.rsplit('/', 1)[0]}/ask/{uuid.uuid4().hex}"
     client = new_client(settings, f"edge-agent-ask-{uuid.uuid4().hex[:12]}")
@@ -40,9 +41,15 @@ def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[
 
     def on_message(c: paho.Client, u: Any, message: paho.MQTTMessage) -> None:
         data = incoming(message)
-        if data.correlation_data in (None, correlation):
-            answer.append(data.payload)
-            got.set()
+        if data.correlation_data not in (None, correlation) or got.is_set():
+            return
+        try:
+            if on_chunk is not None and on_chunk(data.payload):
+                return
+        except Exception:  # noqa: BLE001 - must never escape into paho's thread; the answer still ends it
+            pass
+        answer.append(data.payload)
+        got.set()
 
     client.on_connect = on_connect
     client.on_subscribe = lambda *args: subscribed.set()

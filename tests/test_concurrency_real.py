@@ -1,0 +1,86 @@
+"""Many requests at once, streaming, cancel and structured output with a real small instruct
+model (SmolLM2-135M-Instruct), where answers are long enough to overlap and facts can be read."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from support import AgentProcess, Broker, Client
+from test_concurrency import answers_for, collect, finals, send
+
+pytestmark = pytest.mark.slow
+FRANCE = "What is the capital of France?"
+STORY = "Write a long story about a lighthouse keeper and his cat."
+
+
+@pytest.fixture
+def real_agent(broker: Broker, client: Client, smollm2_model: Path,
+               start_agent: Callable[..., AgentProcess]) -> AgentProcess:
+    agent = start_agent(broker, client, model=smollm2_model, model__max_new_tokens=200, limits__queue_size=16)
+    client.subscribe(agent.response_topic)
+    return agent
+
+
+def test_eight_at_once_share_the_batch_and_answer_as_alone(real_agent: AgentProcess, client: Client) -> None:
+    send(client, real_agent, id="alone", prompt=FRANCE, max_tokens=40)
+    alone = answers_for(client, real_agent, ["alone"])["alone"]
+    assert "Paris" in alone["text"] and alone["finish_reason"] == "stop"
+    ids = [f"q{n}" for n in range(8)]
+    for rid in ids:
+        send(client, real_agent, id=rid, prompt=FRANCE, max_tokens=40)
+    got = answers_for(client, real_agent, ids)
+    assert all(got[rid]["text"] == alone["text"] and got[rid]["finish_reason"] == "stop" for rid in ids), got
+    paths = [line["path"] for line in real_agent.log_lines()
+             if line.get("event") == "request.done" and line.get("request_id") in ids]
+    assert paths.count("batch") >= 7, paths  # at most the first runs alone
+
+
+def test_a_running_request_is_cancelled_with_the_text_so_far(real_agent: AgentProcess, client: Client) -> None:
+    send(client, real_agent, id="story", prompt=STORY, max_tokens=200, stream=True)
+    got = collect(client, lambda ms: sum(1 for m in ms if m.get("seq")) >= 3)  # it is generating
+    client.publish(f"{real_agent.prefix}/{real_agent.device_id}/cancel", json.dumps({"id": "story"}))
+    got += collect(client, lambda ms: "story" in finals(ms))
+    final = finals(got)["story"]
+    chunks = [m["delta"] for m in got if m.get("seq")]
+    assert final["ok"] and final["finish_reason"] == "cancelled" and final["done"] is True, final
+    assert 0 < final["usage"]["completion_tokens"] < 200 and final["text"].startswith("".join(chunks[:3]))
+    assert "".join(chunks) == final["text"]
+
+
+@pytest.mark.parametrize("response_format,check", [
+    ({"type": "json_object"}, lambda value: isinstance(value, dict)),
+    ({"type": "json_schema", "json_schema": {"name": "capital", "schema": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]}}},
+     lambda value: set(value) == {"city"} and isinstance(value["city"], str)),
+])
+def test_json_answers_parse_and_hold_to_the_schema(real_agent: AgentProcess, client: Client,
+                                                   response_format: dict[str, Any],
+                                                   check: Callable[[Any], bool]) -> None:
+    ids = [f"j{n}" for n in range(3)]
+    for rid in ids:
+        send(client, real_agent, id=rid, prompt=FRANCE, max_tokens=120, response_format=response_format)
+    got = answers_for(client, real_agent, ids)
+    for rid in ids:
+        doc = got[rid]
+        assert doc["ok"] and doc["finish_reason"] == "stop" and check(doc["json"]), doc
+        assert json.loads(doc["text"]) == doc["json"]
+
+
+def test_ask_stream_prints_the_text_as_it_comes(real_agent: AgentProcess, broker: Broker) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "ask", STORY, "--stream", "--max-tokens", "200",
+                             "--config", str(real_agent.config), "--host", "127.0.0.1", "--port", str(broker.port)],
+                            stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)
+    # the first text is out while the answer is still being generated (200 tokens: seconds)
+    assert first and real_agent.count_events("request.done") == 0
+    rest = proc.stdout.read()
+    assert proc.wait(60) == 0 and len((first + rest).strip()) > 100
+    assert real_agent.count_events("request.done") == 1
