@@ -84,6 +84,8 @@ class Core:
         if self._single or self._batch:
             return 0.0
         if self._gathering:
+            if len(self._gathering) >= self._engine.batching.group_size:
+                return 0.0  # a full group starts now
             return max(0.0, self._gather_since + self._wait_s - time.monotonic())
         return None
 
@@ -130,7 +132,8 @@ class Core:
         events: list[Event] = []
         now = time.monotonic()
         events.extend(self._expire(now))
-        if self._gathering and now - self._gather_since >= self._wait_s:
+        group_full = len(self._gathering) >= self._engine.batching.group_size
+        if self._gathering and (group_full or now - self._gather_since >= self._wait_s):
             events.extend(self._start_group())
         for run in list(self._single.values()):
             events.extend(self._step_single(run))
