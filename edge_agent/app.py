@@ -11,6 +11,7 @@ import structlog
 from edge_agent import log as logging_setup
 from edge_agent.errors import AgentError, ErrorCode, Unavailable
 from edge_agent.handler import Job, RequestHandler
+from edge_agent.inflight import InFlight
 from edge_agent.catalog import is_catalog_name, resolve_model_path
 from edge_agent.inference import EngineProcess
 from edge_agent.health import StatusBoard
@@ -56,8 +57,7 @@ class Agent:
         self._early: list[Incoming] | None = []  # delivered before the worker runs; None after
         self._stopping = threading.Event()
         self._camera_states: dict[str, str] = {}
-        self._jobs_lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}  # accepted, not yet answered: what a cancel can reach
+        self.in_flight = InFlight()
         self._status_at = 0.0
         self._stats_at = time.monotonic()
 
@@ -217,10 +217,9 @@ class Agent:
                 return
             job = Job(request, topic, incoming.correlation_data, received,
                       self._deadline(received, request.timeout_s, incoming.expiry_s), incoming)
-            with self._jobs_lock:
-                self._jobs[request.id] = job
+            self.in_flight.add(job)
             if not self.scheduler.submit(job):
-                self._forget(job)
+                self.in_flight.forget(job)
                 self._reply_error(topic, request, AgentError(
                     f"queue full ({self.settings.limits.queue_size} waiting)", ErrorCode.BUSY),
                     incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
@@ -236,16 +235,8 @@ class Agent:
         except AgentError as exc:
             self._reply_error(self._error_topic(incoming), None, exc, None)
             return
-        with self._jobs_lock:
-            job = self._jobs.get(request_id)
-        log.info("request.cancel", request_id=request_id, found=job is not None, topic=incoming.topic)
-        if job is not None:
-            job.cancel()
-
-    def _forget(self, job: Job) -> None:
-        with self._jobs_lock:
-            if self._jobs.get(job.request.id) is job:
-                del self._jobs[job.request.id]
+        found = self.in_flight.cancel(request_id)
+        log.info("request.cancel", request_id=request_id, found=found, topic=incoming.topic)
 
     def _default_reply_topic(self, incoming: Incoming) -> str:
         """A fleet request (shared subscription) is answered on the fleet's response topic."""
@@ -272,7 +263,7 @@ class Agent:
         try:
             payload, outcome = self.handler.handle(job, lambda seq, delta: self._publish_chunk(job, seq, delta))
         finally:
-            self._forget(job)
+            self.in_flight.forget(job)
         latency_ms = (time.monotonic() - job.received_at) * 1000 if outcome == "ok" else None
         self.stats.requests.count(outcome, latency_ms)
         self.delivery.answer(job.request.id, job.request.id_given, job.reply_topic, payload,

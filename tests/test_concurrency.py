@@ -54,11 +54,17 @@ def test_concurrent_requests_share_the_batch_and_answer_as_alone(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
     """Eight requests at once go through the batching engine together (a long gather window
     makes that certain on the fast tiny model) and each gets the text it gets alone, with its
-    own timings."""
+    own timings. Without the engine (an older runtime) they run at once on generators of their
+    own, with the same answers."""
     agent = start_agent(broker, client, inference__batch_wait_ms=300, limits__queue_size=16)
     client.subscribe(agent.status_topic)  # the retained status again
     status = client.wait_for(lambda d: d.get("state") == "ready")
-    assert status["batching"] == "static" and status["max_batch"] == 8, status
+    # static: og.Engine (onnxruntime-genai 0.16+); off: older runtimes (0.11.4 on Python 3.10),
+    # where the requests still run at once, each on its own generator
+    batching = status["batching"]
+    assert batching in ("static", "off") and status["max_batch"] == 8, status
+    if batching == "off":
+        assert "no batching engine" in status["batching_reason"], status
     client.subscribe(agent.response_topic)
     alone = {}
     for n, prompt in enumerate(PROMPTS):  # one at a time: each runs on its own generator
@@ -75,7 +81,7 @@ def test_concurrent_requests_share_the_batch_and_answer_as_alone(
     assert len({doc["timings"]["total_ms"] for doc in many.values()}) > 1  # each its own
     paths = [line["path"] for line in agent.log_lines() if line.get("event") == "request.done"
              and line.get("request_id", "").startswith("many-")]
-    assert paths.count("batch") == 8, paths
+    assert paths.count("batch" if batching == "static" else "single") == 8, paths
     assert all(line["path"] == "single" for line in agent.log_lines() if line.get("event") == "request.done"
                and line.get("request_id", "").startswith("alone-"))
 
@@ -226,15 +232,16 @@ def test_a_schema_holds_on_the_vision_model_with_an_image(broker: Broker, client
 
 def test_a_child_crash_fails_every_request_in_flight_and_the_next_succeed(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
-    """Three requests wait in the child for their group (a long gather window); a CRASH prompt
-    then ends the child: all four are answered `internal`, the ones after are answered."""
-    agent = start_agent(broker, client, env=fault_hooks_env(tmp_path / "hooks"), inference__batch_wait_ms=1000)
+    """A SLOW prompt holds the child a second (a fault hook in its prompt step); two more
+    requests and a CRASH prompt reach it meanwhile. The crash ends the child with all four in
+    it: all four are answered `internal`, the ones after are answered."""
+    agent = start_agent(broker, client, env=fault_hooks_env(tmp_path / "hooks"))
     client.subscribe(agent.response_topic)
-    for n in range(3):
+    send(client, agent, id="slow", prompt="SLOW one", max_tokens=8)
+    for n in range(2):
         send(client, agent, id=f"w{n}", prompt=f"wait {n}", max_tokens=8)
-    time.sleep(0.4)
     send(client, agent, id="crash", prompt="CRASH now", max_tokens=8)
-    got = answers_for(client, agent, ["w0", "w1", "w2", "crash"])
+    got = answers_for(client, agent, ["slow", "w0", "w1", "crash"])
     for doc in got.values():
         assert doc["ok"] is False and doc["error"]["code"] == "internal", doc
         assert re.search(r"inference process died \(exit status 3\)", doc["error"]["message"]), doc

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
+from faults import fault_hooks_env
 from support import AgentProcess, Broker, Client
 
 FLEET_REQUEST = "edge-agent/fleet/request"
@@ -111,3 +114,19 @@ def test_ask_fleet_is_answered_by_one_member(broker: Broker, client: Client,
     both = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "hi", "--fleet", "--device", "x",
                            "--port", str(broker.port)], capture_output=True, text=True, timeout=60)
     assert both.returncode == 64
+
+
+def test_a_fleet_cancel_reaches_whichever_member_holds_the_request(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """Every member hears <prefix>/fleet/cancel; the one running the request ends it (a SLOW
+    prompt holds it a second: a fault hook in the child), the others find nothing."""
+    pool = [start_agent(broker, client, mqtt__shared_group="pool-c", env=fault_hooks_env(tmp_path / f"hooks{n}"))
+            for n in range(2)]
+    client.subscribe(FLEET_RESPONSE)
+    client.publish(FLEET_REQUEST, json.dumps({"id": "stop-me", "prompt": "SLOW story", "max_tokens": 16}))
+    time.sleep(0.3)
+    client.publish("edge-agent/fleet/cancel", json.dumps({"id": "stop-me"}))
+    doc = collect(client, ["stop-me"])["stop-me"]
+    assert doc["ok"] and doc["finish_reason"] == "cancelled", doc
+    found = [line["found"] for agent in pool for line in agent.log_lines() if line.get("event") == "request.cancel"]
+    assert sorted(found) == [False, True]
