@@ -28,18 +28,42 @@ def real_agent(broker: Broker, client: Client, smollm2_model: Path,
     return agent
 
 
+QUESTIONS = [FRANCE, "What is the capital of Italy?", "Is the door open?", "Say hello to the new neighbours, please."]
+
+
 def test_eight_at_once_share_the_batch_and_answer_as_alone(real_agent: AgentProcess, client: Client) -> None:
-    send(client, real_agent, id="alone", prompt=FRANCE, max_tokens=40)
-    alone = answers_for(client, real_agent, ["alone"])["alone"]
-    assert "Paris" in alone["text"] and alone["finish_reason"] == "stop"
+    """Prompts of different lengths in one batch (padded inside the runtime) get the answers
+    they get alone."""
+    alone = {}
+    for n, question in enumerate(QUESTIONS):
+        send(client, real_agent, id=f"alone{n}", prompt=question, max_tokens=40)
+        alone[n] = answers_for(client, real_agent, [f"alone{n}"])[f"alone{n}"]
+    assert "Paris" in alone[0]["text"] and alone[0]["finish_reason"] == "stop"
     ids = [f"q{n}" for n in range(8)]
-    for rid in ids:
-        send(client, real_agent, id=rid, prompt=FRANCE, max_tokens=40)
+    for n, rid in enumerate(ids):
+        send(client, real_agent, id=rid, prompt=QUESTIONS[n % 4], max_tokens=40)
     got = answers_for(client, real_agent, ids)
-    assert all(got[rid]["text"] == alone["text"] and got[rid]["finish_reason"] == "stop" for rid in ids), got
+    for n, rid in enumerate(ids):
+        assert got[rid]["text"] == alone[n % 4]["text"], (got[rid], alone[n % 4])
+        assert got[rid]["usage"] == alone[n % 4]["usage"]
     paths = [line["path"] for line in real_agent.log_lines()
              if line.get("event") == "request.done" and line.get("request_id") in ids]
     assert paths.count("batch") >= 7, paths  # at most the first runs alone
+
+
+def test_one_of_a_batch_is_cancelled_and_one_times_out_the_others_go_on(
+        real_agent: AgentProcess, client: Client) -> None:
+    send(client, real_agent, id="keep", prompt=STORY, max_tokens=120)
+    send(client, real_agent, id="stop", prompt=STORY, max_tokens=120, stream=True)
+    send(client, real_agent, id="late", prompt=STORY, max_tokens=120, timeout_s=1.0)
+    collect(client, lambda ms: any(m.get("id") == "stop" and m.get("seq") == 3 for m in ms))
+    client.publish(f"{real_agent.prefix}/{real_agent.device_id}/cancel", json.dumps({"id": "stop"}))
+    got = answers_for(client, real_agent, ["keep", "stop", "late"])
+    assert got["stop"]["finish_reason"] == "cancelled" and 0 < got["stop"]["usage"]["completion_tokens"] < 120
+    assert got["late"]["error"]["code"] == "timeout" and "generated tokens" in got["late"]["error"]["message"]
+    assert got["keep"]["ok"] and got["keep"]["usage"]["completion_tokens"] == 120, got["keep"]
+    paths = {line["request_id"]: line["path"] for line in real_agent.log_lines() if line.get("event") == "request.done"}
+    assert paths["stop"] == paths["keep"] == "batch", paths
 
 
 def test_a_running_request_is_cancelled_with_the_text_so_far(real_agent: AgentProcess, client: Client) -> None:

@@ -69,6 +69,8 @@ class OrtGenaiEngine:
         self.name = folder.name
         self.supports_images = takes_images(genai_config)
         self._want_batching = batching
+        # The runtime's default; models made by its builder share the buffer.
+        self._shares_kv_buffer = bool(genai_config.get("search", {}).get("past_present_share_buffer", True))
         self._batch_max_length = min(batch_max_length, self.context_length or batch_max_length)
         self._processor: Any = None
         self.provider, self.provider_reason = "", ""
@@ -82,7 +84,7 @@ class OrtGenaiEngine:
     def load(self) -> None:
         started = time.monotonic()
         overlay = None
-        if self._batchable_runtime() and not self.supports_images:
+        if self._batchable_runtime() and not self.supports_images and self._shares_kv_buffer:
             overlay = json.dumps({"search": {"max_length": self._batch_max_length}})
         choice = choose_and_load(self.folder, self.requested_provider, self.fallback,
                                  self._folder_providers, self.provider_options, overlay=overlay)
@@ -118,6 +120,11 @@ class OrtGenaiEngine:
                             "with guidance and cancel (0.16+): one generator per request")
         if self.supports_images:
             return Batching("off", 1, 0, "the batching engine has no multimodal path: one generator per request")
+        if not self._shares_kv_buffer:
+            # Measured on such a model: prompts of different lengths in one group got other
+            # answers than alone, or failed in the runtime ("present.0.key ... has shape").
+            return Batching("off", 1, 0, "the model keeps past and present KV apart "
+                            "(search.past_present_share_buffer = false): og.Engine batches it wrongly")
         try:
             self.og_engine = og.Engine(self._model)
             caps = self.og_engine.get_capabilities()
