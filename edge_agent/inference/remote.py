@@ -111,9 +111,11 @@ class EngineProcess:
             self._start()
 
     def warm_up(self) -> Generation:
-        """A short generation; with batching, two at once, so the batch path is warm too."""
+        """A short generation; with batching, a full group at once: the batch path is warm and
+        its cache (the runtime sizes it to the largest group it has run) is all there at
+        `ready`, instead of growing under the first burst."""
         work = Work(({"role": "user", "content": "Hello"},), GenerationParams(WARMUP_TOKENS))
-        handles = [self.submit(work) for _ in range(2 if self.batching != "off" else 1)]
+        handles = [self.submit(work) for _ in range(self.batch_group if self.batching != "off" else 1)]
         return [handle.result() for handle in handles][0]
 
     def generate(self, messages: Sequence[dict[str, str]], params: GenerationParams,
