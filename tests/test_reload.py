@@ -146,3 +146,15 @@ def test_camera_added_by_dropin_appears_in_status(client: Client, agent: AgentPr
     status = client.wait_for(lambda d: d.get("device_id") == agent.device_id
                              and "yard" in (d.get("cameras") or {}), EFFECT_TIMEOUT_S)
     assert status["cameras"]["yard"]["state"] in ("starting", "streaming")
+
+
+def test_a_changed_max_batch_applies_and_says_so(client: Client, agent: AgentProcess) -> None:
+    """[inference] reloads the model beside the old one; the workers follow max_batch at once."""
+    agent.rewrite(inference__max_batch=2, stream__interval_ms=0)
+    until(lambda: any(line.get("event") == "config.applied" for line in agent.log_lines()), "the reload")
+    client.subscribe(agent.status_topic)  # the retained status
+    status = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d.get("max_batch") == 2, 10)
+    assert status["state"] == "ready"
+    applied = [line for line in agent.log_lines() if line["event"] == "config.applied"]
+    assert any("model" in line["parts"] for line in applied)
+    assert ask(client, agent, {"prompt": "still there?", "max_tokens": 2})["ok"]

@@ -139,6 +139,9 @@ class Core:
             events.extend(self._step_single(run))
         if self._buffer is not None and self._engine.og_engine.has_pending_requests():
             events.extend(self._step_batch())
+        elif self._batch:  # never seen; without this the loop would spin on them for ever
+            lost, self._batch = self._batch, {}
+            events.extend(("failed", rid, "the batching engine lost the request") for rid in lost)
         return events
 
     def run_one(self, work: Work) -> Generation:
