@@ -150,7 +150,7 @@ class DeliverySettings(_Strict):
 
 
 class LimitsSettings(_Strict):
-    queue_size: int = Field(8, ge=1, le=10000, description="requests waiting for the worker")
+    queue_size: int = Field(8, ge=1, le=10000, description="requests waiting for a free inference slot")
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=512, le=64 * 1024 * 1024,
                                    description="request size cap (base64 images count: 4/3 of their bytes)")
     max_prompt_chars: int = Field(16000, ge=1, description="prompt (all messages) length cap")
@@ -234,7 +234,7 @@ class Settings(BaseSettings):
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
-    shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running request")
+    shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running requests")
     state_dir: Path = Field(Path("/var/lib/edge-agent"), description="models pulled from the catalog "
                             "and the state database (outbox, request ids seen) live here")
     stats_interval_s: float = Field(60.0, ge=0, le=86400, description="seconds between stats; 0 = off")

@@ -38,7 +38,7 @@ def percentile(values: Iterable[float], q: float) -> float | None:
 class RequestStats:
     """Outcome counters and bounded windows of recent latencies and decode speeds.
 
-    Thread-safe: the MQTT thread counts rejections, the worker counts answers."""
+    Thread-safe: the MQTT thread counts rejections, the workers count answers."""
 
     def __init__(self, window: int = WINDOW) -> None:
         self._lock = threading.Lock()
