@@ -69,6 +69,7 @@ class Pipeline:
         self._early_acks: set[int] = set()  # PUBACKs that beat publish() returning
         self._accepted: set[str] = set()
         self.answers: dict[str, list[bytes]] = {}  # id -> every answer delivery, in order
+        self.chunks: dict[str, list[tuple[int, str]]] = {}  # id -> (seq, delta) of a streamed answer
         self.redelivered = 0  # copies the broker flagged DUP (its own re-send to us)
         self.busy = 0
         self.republished = 0
@@ -98,6 +99,10 @@ class Pipeline:
             return
         doc = json.loads(message.payload)
         rid = str(doc.get("id"))
+        if "seq" in doc:  # a chunk of a streamed answer (QoS 0), not the answer
+            with self._lock:
+                self.chunks.setdefault(rid, []).append((doc["seq"], doc["delta"]))
+            return
         error = doc.get("error") or {}
         if error.get("code") == "busy":  # not run: send it again when told
             with self._lock:

@@ -76,12 +76,12 @@ def start_streaming_agent(broker: Broker, start_agent: Callable[..., AgentProces
 
 
 def stream(pipeline: Pipeline, faults: dict[int, Callable[[], None]], prefix: str,
-           count: int = STREAM, gap_s: float = GAP_S) -> None:
+           count: int = STREAM, gap_s: float = GAP_S, **fields: Any) -> None:
     """Publish `count` requests, running each fault just before the request of its index."""
     for i in range(count):
         if i in faults:
             faults[i]()
-        pipeline.send(f"{prefix}-{i}", f"question {i}")
+        pipeline.send(f"{prefix}-{i}", f"question {i}", **fields)
         time.sleep(gap_s)
 
 
@@ -122,6 +122,31 @@ def test_broker_restarted_with_sigterm_mid_stream(
     tally = judge(pipeline, agent, faults=2, kind="broker_term")
     assert tally.republished == 0
     assert len(events(agent, "mqtt.connected")) == 3  # it did lose the broker twice
+
+
+def test_streamed_answers_through_broker_restarts(
+        own_broker: Broker, start_agent: Callable[..., AgentProcess],
+        pipelines: Callable[[Broker, AgentProcess], Pipeline]) -> None:
+    """Token streaming ("stream": true) through two broker restarts: chunks are QoS 0 and may
+    be lost with the link, the answers are not: every id answered once, none lost. Where a
+    stream came whole (seq 1..n), its deltas make the answer's text; seqs only go up."""
+    agent = start_streaming_agent(own_broker, start_agent, stream__interval_ms=0)
+    pipeline = pipelines(own_broker, agent)
+
+    def restart() -> None:
+        own_broker.restart(signal.SIGTERM)
+
+    stream(pipeline, {20: restart, 40: restart}, "chunked", count=60, max_tokens=12, stream=True)
+    tally = judge(pipeline, agent, faults=2, kind="broker_term")
+    whole = 0
+    for rid, answers in pipeline.answers.items():
+        doc = json.loads(answers[0])
+        seqs = [seq for seq, _ in pipeline.chunks.get(rid, [])]
+        assert doc["done"] is True and seqs == sorted(set(seqs)), (rid, seqs)
+        if seqs and seqs == list(range(1, len(seqs) + 1)) and doc["finish_reason"] == "length":
+            whole += 1
+            assert "".join(delta for _, delta in pipeline.chunks[rid]) == doc["text"], rid
+    assert whole >= 30, f"only {whole} whole streams of {tally.sent}"
 
 
 def test_broker_killed_with_sigkill_mid_stream(

@@ -52,6 +52,14 @@ class BrokerLink:
         self._client.on_message = self._handle_message
         self._client.on_subscribe = self._handle_subscribe
         self._client.on_log = self._handle_log
+        # Only the network thread writes to the socket. Without this, paho's publish() (client
+        # not started with loop_start) writes at once from the calling thread, unlocked, while
+        # the network thread may write too: with several workers publishing, packets went out
+        # of order (stream chunks 2..5 before 1), and a partial write could interleave bytes.
+        # With a register-write callback paho only queues and wakes our loop through its
+        # socket pair; the loop's select sees the pending write at once.
+        self._client.on_socket_register_write = _nothing_with
+        self._client.on_socket_unregister_write = _nothing_with
         self._last_error: str | None = None  # paho's last error text: the why of a lost link
         self._connected = threading.Event()
         self._stopping = threading.Event()
@@ -276,6 +284,10 @@ class BrokerLink:
 
 
 def _nothing() -> None:
+    return None
+
+
+def _nothing_with(*args: Any) -> None:
     return None
 
 
