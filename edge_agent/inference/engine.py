@@ -131,11 +131,31 @@ class OrtGenaiEngine:
         except Exception as exc:  # noqa: BLE001 - a model the engine refuses still generates alone
             return Batching("off", 1, 0, f"og.Engine refused the model: {str(exc)[:160]}")
         group = int(caps.configured_max_batch_size) or 1
-        if int(caps.max_scheduled_tokens) > 0:
+        if self._takes_turn_seed():
             return Batching("dynamic", group, self._batch_max_length,
                             f"og.Engine, continuous batching up to {group} (paged attention)")
         return Batching("static", group, self._batch_max_length,
                         f"og.Engine, groups of {group}; newcomers wait for the running group")
+
+    def _takes_turn_seed(self) -> bool:
+        """Whether og.Engine batches dynamically. Its one observable sign (0.18): only then does
+        a turn take a seed of its own ("A per-turn seed requires an Engine configured for
+        dynamic batching"). Probed with a one-token turn, cancelled."""
+        request = self.og_engine.create_request()
+        try:
+            options = og.TurnOptions(request)
+            options.set_max_generated_tokens(1)
+            options.set_seed(0)
+            turn = request.begin_turn(np.zeros(1, dtype=np.int32), options)
+        except Exception:  # noqa: BLE001 - a static engine refuses it: that is the answer
+            request.close()
+            return False
+        request.cancel_turn(turn)
+        buffer = self.og_engine.create_event_buffer(8)
+        while self.og_engine.has_pending_requests():
+            self.og_engine.run(buffer)
+        request.close()
+        return True
 
     def warm_up(self) -> Generation:
         return self.generate(({"role": "user", "content": "Hello"},), GenerationParams(WARMUP_TOKENS))
