@@ -28,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from support import AgentProcess, Broker, Client, build_model, tree_rss_bytes  # noqa: E402
+from support import AgentProcess, Broker, Client, build_model, tree_pss_bytes, tree_rss_bytes  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper."
 
@@ -101,19 +101,6 @@ else:  # bare: load and answer what the agent answered in this bench, then repor
 '''
 
 
-def tree_kb(pid: int, key: str) -> int:
-    """`key` (Rss or Pss, from smaps_rollup) of a process and its children, in kB. Pss shares
-    each page among the processes that map it: the daemon and its child both map libpython,
-    libc and more, which Rss counts twice."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    total = 0
-    for member in [pid, *map(int, children)]:
-        for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
-            if line.startswith(key + ":"):
-                total += int(line.split()[1])
-    return total
-
-
 def raw(model: Path, mode: str, n: int, tokens: int) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-c", RAW, str(model), mode, str(n), str(tokens), PROMPT],
                          check=True, capture_output=True, text=True).stdout
@@ -145,8 +132,8 @@ def mqtt(model: Path, n: int, tokens: int) -> dict[str, Any]:
         seconds, answers = ask(n)
         assert agent.proc is not None
         rss = tree_rss_bytes(agent.proc.pid)
-        pss = tree_kb(agent.proc.pid, "Pss") * 1024
-        daemon_rss = next(int(line.split()[1]) * 1024 for line in
+        pss = tree_pss_bytes(agent.proc.pid)
+        daemon_rss = next(int(line.split()[1]) * 1024 for line in  # the daemon alone, not its child
                           Path(f"/proc/{agent.proc.pid}/status").read_text().splitlines() if line.startswith("VmRSS:"))
         paths = [line.get("path") for line in agent.log_lines() if line.get("event") == "request.done"][-n:]
         return {"tokens": sum(a["usage"]["completion_tokens"] for a in answers), "seconds": seconds,

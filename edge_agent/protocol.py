@@ -179,6 +179,13 @@ def _number(obj: dict[str, Any], field: str, low: float, high: float, *, integer
     return value
 
 
+def _flag(obj: dict[str, Any], field: str) -> bool:
+    value = obj.get(field, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{field}' must be true or false, got {json_type(value)}")
+    return value
+
+
 def _messages(obj: dict[str, Any]) -> tuple[dict[str, str], ...]:
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
@@ -281,9 +288,7 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
         if template is not None and template.max_tokens:
             token_cap = min(template.max_tokens, token_cap)
         max_tokens = _number(obj, "max_tokens", 1, token_cap, integer=True)
-        stream = obj.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest(f"'stream' must be true or false, got {json_type(stream)}")
+        stream = _flag(obj, "stream")
         response_format = (parse_response_format(obj["response_format"]) if "response_format" in obj
                            else template.response_format if template is not None else None)
         return Request(
@@ -333,9 +338,7 @@ def _vision_fields(obj: dict[str, Any], limits: RequestLimits) -> dict[str, Any]
         if not isinstance(raw, list) or not raw or not all(isinstance(i, str) and i for i in raw):
             raise BadRequest("'images' must be a non-empty array of base64 strings")
         images = tuple(raw)
-    include = obj.get("include_frame", False)
-    if not isinstance(include, bool):
-        raise BadRequest(f"'include_frame' must be true or false, got {json_type(include)}")
+    include = _flag(obj, "include_frame")
     count = len(cameras) * (frames or 1) + len(images)
     if count > limits.max_images:
         raise TooLarge(f"request asks for {count} images; the limit is {limits.max_images}")

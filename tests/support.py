@@ -330,10 +330,20 @@ def to_toml(data: dict[str, Any], table: str = "") -> str:
 def tree_rss_bytes(pid: int, key: str = "VmRSS") -> int:
     """Resident memory of a process and its children: the daemon and its inference process,
     which holds the model. `key` VmHWM: each one's peak."""
+    return _tree_kb(pid, "status", key) * 1024
+
+
+def tree_pss_bytes(pid: int) -> int:
+    """Like tree_rss_bytes, but each shared page split among the processes that map it: the
+    daemon and its child both map libpython, libc and more, which Rss counts twice."""
+    return _tree_kb(pid, "smaps_rollup", "Pss") * 1024
+
+
+def _tree_kb(pid: int, proc_file: str, key: str) -> int:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     total = 0
     for member in [pid, *map(int, children)]:
-        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+        for line in Path(f"/proc/{member}/{proc_file}").read_text().splitlines():
             if line.startswith(key + ":"):
-                total += int(line.split()[1]) * 1024
+                total += int(line.split()[1])
     return total

@@ -19,13 +19,12 @@ import onnxruntime_genai as og
 
 from edge_agent.errors import AgentError, Timeout
 from edge_agent.inference.engine import OrtGenaiEngine, Prompt
-from edge_agent.inference.types import (FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Generation,
-                                        Work)
+from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
+                                        FINISH_STOP, Generation, Work)
 from edge_agent.log import get_logger
 
 log = get_logger("inference")
 Event = tuple[str, int, Any]
-DEFAULT_WAIT_S = 0.005
 EVENT_BUFFER = 256
 
 
@@ -65,7 +64,7 @@ class Run:
 
 
 class Core:
-    def __init__(self, engine: OrtGenaiEngine, wait_s: float = DEFAULT_WAIT_S) -> None:
+    def __init__(self, engine: OrtGenaiEngine, wait_s: float = DEFAULT_BATCH_WAIT_S) -> None:
         self._engine = engine
         self._wait_s = wait_s
         self._single: dict[int, Run] = {}

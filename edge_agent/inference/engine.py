@@ -16,14 +16,11 @@ import onnxruntime_genai as og
 
 from edge_agent.errors import BadRequest, ModelLoadError, TooLarge, Unsupported
 from edge_agent.inference.providers import Attempt, choose_and_load, configured_providers
-from edge_agent.inference.types import (WARMUP_TOKENS, Generation, GenerationParams, Work,
-                                        read_genai_config, takes_images)
+from edge_agent.inference.types import (DEFAULT_BATCH_MAX_LENGTH, WARMUP_TOKENS, Generation,
+                                        GenerationParams, Work, read_genai_config, takes_images)
 from edge_agent.log import get_logger
 
 log = get_logger("inference")
-# The batching engine's static cache is sized from search.max_length (8192 for SmolLM2, 2x
-# slower than 1024): requests longer than this run on their own generator instead.
-DEFAULT_BATCH_MAX_LENGTH = 1024
 # Any fixed seed for greedy decoding: without one the runtime seeds its sampler from
 # std::random_device, ~14 ms of CPU per generator on these machines (FACTS.md).
 GREEDY_SEED = 0

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from edge_agent.errors import AgentError, ErrorCode, ModelLoadError, Timeout, Unavailable
-from edge_agent.inference.types import (WARMUP_TOKENS, Generation, GenerationParams, Work,
-                                        read_genai_config, takes_images)
+from edge_agent.inference.types import (DEFAULT_BATCH_MAX_LENGTH, DEFAULT_BATCH_WAIT_S, WARMUP_TOKENS,
+                                        Generation, GenerationParams, Work, read_genai_config,
+                                        takes_images)
 from edge_agent.inference.worker import LoadedInfo, LoadSpec
 from edge_agent.log import get_logger
 
@@ -75,7 +76,8 @@ class EngineProcess:
                  provider_options: Mapping[str, object] | None = None, *, log_level: str = "info",
                  log_format: str = "auto", longest_s: float | None = None,
                  stuck_grace_s: float = STUCK_GRACE_S, batching: bool = True,
-                 batch_wait_s: float = 0.005, batch_max_length: int = 1024) -> None:
+                 batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+                 batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH) -> None:
         self.folder = folder
         # A request with no deadline of its own is stuck once it runs longer than this
         # (limits.max_timeout_s) plus the grace: ended here, before the systemd watchdog would

@@ -24,6 +24,7 @@ from typing import Any
 
 from edge_agent import log as logging_setup
 from edge_agent.errors import AgentError, ModelLoadError
+from edge_agent.inference.types import DEFAULT_BATCH_MAX_LENGTH, DEFAULT_BATCH_WAIT_S
 
 PARENT_CHECK_S = 1.0
 _GONE = ("stop",)
@@ -38,8 +39,8 @@ class LoadSpec:
     log_level: str
     log_format: str
     batching: bool = True
-    batch_wait_s: float = 0.005
-    batch_max_length: int = 1024
+    batch_wait_s: float = DEFAULT_BATCH_WAIT_S
+    batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH
 
 
 @dataclass(frozen=True)
