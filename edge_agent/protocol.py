@@ -81,6 +81,29 @@ class Topics:
     def fleet_response(self) -> str:
         return f"{self.prefix}/fleet/response"
 
+    @property
+    def events(self) -> str:
+        """Not retained: a watch rule's value changed."""
+        return f"{self.base}/events"
+
+    def watch(self, rule: str) -> str:
+        """Retained: a watch rule's last published state."""
+        return f"{self.base}/watch/{rule}"
+
+    def motion(self, camera: str) -> str:
+        """Retained: `ON` or `OFF`."""
+        return f"{self.base}/camera/{camera}/motion"
+
+    @property
+    def ha_prompt(self) -> str:
+        """Home Assistant's `text` entity publishes a prompt here (plain text)."""
+        return f"{self.base}/ha/prompt"
+
+    @property
+    def ha_answer(self) -> str:
+        """Retained: the answer to the last Home Assistant prompt."""
+        return f"{self.base}/ha/answer"
+
     def shared_fleet_request(self, group: str) -> str:
         """The shared subscription: the broker hands each fleet request to one group member."""
         return f"$share/{group}/{self.fleet_request}"

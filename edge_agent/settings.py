@@ -25,10 +25,12 @@ else:  # JetPack 6 ships Python 3.10
 from edge_agent.catalog import is_catalog_name
 from edge_agent.errors import ConfigError
 from edge_agent.prompts import template_fields
+from edge_agent.settings_watch import HomeAssistantSettings, MotionSettings, WatchRuleSettings, watch_problems
 
 ENV_PREFIX = "EDGE_AGENT_"
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+CROSS_TABLE_MARK = "across tables:\n"  # a model-level error: one problem per line, each named
 URL_CREDENTIALS = re.compile(r"(://)[^/@]*@")
 TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROVIDERS = ("auto", "cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
@@ -131,6 +133,7 @@ class CameraSettings(_Strict):
     read_timeout_s: float = Field(5.0, gt=0, le=120, description="a read slower than this counts as a failure")
     reconnect_min_s: float = Field(0.5, gt=0, le=60, description="first reopen delay")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="reopen delay cap")
+    motion: MotionSettings = Field(default_factory=MotionSettings, description="[cameras.<name>.motion]")
 
 
 class ImageSettings(_Strict):
@@ -234,6 +237,8 @@ class Settings(BaseSettings):
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    watch: dict[str, WatchRuleSettings] = Field(default_factory=dict, description="[watch.<name>] rules")
+    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running requests")
     state_dir: Path = Field(Path("/var/lib/edge-agent"), description="models pulled from the catalog "
                             "and the state database (outbox, request ids seen) live here")
@@ -255,12 +260,20 @@ class Settings(BaseSettings):
     def _camera_names(cls, value: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
         return _check_names(value, "camera")
 
+    @field_validator("watch")
+    @classmethod
+    def _rule_names(cls, value: dict[str, WatchRuleSettings]) -> dict[str, WatchRuleSettings]:
+        return _check_names(value, "watch rule")
+
     @model_validator(mode="after")
-    def _template_tokens_within_cap(self) -> Settings:
-        for name, template in self.prompts.templates.items():
-            if template.max_tokens is not None and template.max_tokens > self.model.max_new_tokens:
-                raise ValueError(f"prompts.templates.{name}.max_tokens ({template.max_tokens}) is over "
-                                 f"model.max_new_tokens ({self.model.max_new_tokens})")
+    def _tables_agree(self) -> Settings:
+        problems = [f"prompts.templates.{name}.max_tokens ({t.max_tokens}) is over "
+                    f"model.max_new_tokens ({self.model.max_new_tokens})"
+                    for name, t in self.prompts.templates.items()
+                    if t.max_tokens is not None and t.max_tokens > self.model.max_new_tokens]
+        problems += watch_problems(self)
+        if problems:
+            raise ValueError(CROSS_TABLE_MARK + "\n".join(problems))
         return self
 
     @property
@@ -369,17 +382,19 @@ def load_settings(explicit: str | Path | None = None) -> tuple[Settings, ConfigS
     try:
         return Settings(**data), sources
     except ValidationError as exc:
-        raise ConfigError([_describe(err, sources) for err in exc.errors()]) from exc
+        raise ConfigError([line for err in exc.errors() for line in _describe(err, sources)]) from exc
 
 
-def _describe(err: Any, sources: ConfigSources) -> str:
+def _describe(err: Any, sources: ConfigSources) -> list[str]:
     key = ".".join(str(part) for part in err["loc"])
     where = sources.origin(key)
     if where == "default":  # e.g. a required key nobody set
         where = str(sources.main or "defaults")
+    if CROSS_TABLE_MARK in err["msg"]:
+        return [f"{where}: {line}" for line in err["msg"].split(CROSS_TABLE_MARK, 1)[1].splitlines()]
     reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
     shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err['input']!r:.80})"
-    return f"{where}: {key}: {reason}{shown}"
+    return [f"{where}: {key}: {reason}{shown}"]
 
 
 def explain_settings(settings: Settings, sources: ConfigSources) -> list[tuple[str, Any, str]]:
