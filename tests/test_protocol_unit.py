@@ -1,4 +1,4 @@
-"""Pure logic of protocol.py: parsing limits, topic rules, templates, and fuzzing of the parser."""
+"""Pure logic of the protocol package: parsing limits, topic rules, templates, and fuzzing of the parser."""
 
 from __future__ import annotations
 

@@ -1,24 +1,20 @@
-"""Protocol v1: topic names, request parsing and validation, answer and error payloads.
-
-Pure: no I/O, no MQTT, no model. docs/protocol.md documents every field here; keep both in step.
-"""
+"""Requests: parsing and validation of what pipelines send (requests and cancels). Pure."""
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from edge_agent.errors import AgentError, BadRequest, ErrorCode, Forbidden, TooLarge
+from edge_agent.errors import AgentError, BadRequest, Forbidden, TooLarge
 from edge_agent.prompts import VAR_NAME, PromptTemplate, render_template, template_fields
+from edge_agent.protocol.topics import CONTROL_CHARS, check_topic_name
 from edge_agent.strictjson import decode_json_object, json_type
 from edge_agent.structured import ResponseFormat, parse_response_format
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
-MAX_TOPIC_CHARS = 512
 ROLES = ("system", "user", "assistant")
 REQUEST_FIELDS = frozenset({"id", "prompt", "messages", "system", "max_tokens", "temperature",
                             "top_p", "top_k", "seed", "reply_to", "timeout_s",
@@ -34,79 +30,6 @@ MAX_TEMPERATURE = 5.0
 MAX_TOP_K = 100_000
 MAX_SEED = 2**31 - 1
 # C0 controls other than tab, newline and carriage return, and DEL: never legitimate in text.
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-@dataclass(frozen=True)
-class Topics:
-    prefix: str
-    device_id: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix}/{self.device_id}"
-
-    @property
-    def request(self) -> str:
-        return f"{self.base}/request"
-
-    @property
-    def response(self) -> str:
-        return f"{self.base}/response"
-
-    @property
-    def status(self) -> str:
-        return f"{self.base}/status"
-
-    @property
-    def stats(self) -> str:
-        return f"{self.base}/stats"
-
-    @property
-    def cancel(self) -> str:
-        """`{"id": ...}` here ends that request, queued or running."""
-        return f"{self.base}/cancel"
-
-    @property
-    def fleet_cancel(self) -> str:
-        """Every member subscribes (not shared): whichever took the request ends it."""
-        return f"{self.prefix}/fleet/cancel"
-
-    @property
-    def fleet_request(self) -> str:
-        """Requests any agent of a shared group may take (`mqtt.shared_group`)."""
-        return f"{self.prefix}/fleet/request"
-
-    @property
-    def fleet_response(self) -> str:
-        return f"{self.prefix}/fleet/response"
-
-    @property
-    def events(self) -> str:
-        """Not retained: a watch rule's value changed."""
-        return f"{self.base}/events"
-
-    def watch(self, rule: str) -> str:
-        """Retained: a watch rule's last published state."""
-        return f"{self.base}/watch/{rule}"
-
-    def motion(self, camera: str) -> str:
-        """Retained: `ON` or `OFF`."""
-        return f"{self.base}/camera/{camera}/motion"
-
-    @property
-    def ha_prompt(self) -> str:
-        """Home Assistant's `text` entity publishes a prompt here (plain text)."""
-        return f"{self.base}/ha/prompt"
-
-    @property
-    def ha_answer(self) -> str:
-        """Retained: the answer to the last Home Assistant prompt."""
-        return f"{self.base}/ha/answer"
-
-    def shared_fleet_request(self, group: str) -> str:
-        """The shared subscription: the broker hands each fleet request to one group member."""
-        return f"$share/{group}/{self.fleet_request}"
 
 
 @dataclass(frozen=True)
@@ -367,80 +290,6 @@ def _vision_fields(obj: dict[str, Any], limits: RequestLimits) -> dict[str, Any]
         raise TooLarge(f"request asks for {count} images; the limit is {limits.max_images}")
     return {"cameras": cameras, "frames": frames or 1, "interval_ms": interval_ms or 0,
             "images": images, "include_frame": include}
-
-
-def check_topic_name(topic: Any, what: str = "reply topic") -> str:
-    """A topic we may publish to: no wildcards, no `$` topics, no empty levels."""
-    if not isinstance(topic, str):
-        raise BadRequest(f"{what} must be a string, got {json_type(topic)}")
-    if not topic or len(topic) > MAX_TOPIC_CHARS:
-        raise BadRequest(f"{what} must be 1-{MAX_TOPIC_CHARS} characters")
-    if "+" in topic or "#" in topic:
-        raise BadRequest(f"{what} {topic[:80]!r} contains a wildcard")
-    if topic.startswith("$"):
-        raise BadRequest(f"{what} {topic[:80]!r} is a '$' system topic")
-    if "" in topic.split("/"):
-        raise BadRequest(f"{what} {topic[:80]!r} has an empty level")
-    if "\x00" in topic or CONTROL_CHARS.search(topic):
-        raise BadRequest(f"{what} contains control characters")
-    return topic
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching (`+` one level, `#` the rest)."""
-    parts, levels = topic_filter.split("/"), topic.split("/")
-    for index, part in enumerate(parts):
-        if part == "#":
-            return True
-        if index >= len(levels) or (part != "+" and part != levels[index]):
-            return False
-    return len(parts) == len(levels)
-
-
-def choose_reply_topic(response_topic: str | None, reply_to: str | None, default: str,
-                       allow: tuple[str, ...]) -> str:
-    """MQTT 5 Response Topic, else `reply_to`, else the default; refuses what is not allowed."""
-    topic = response_topic if response_topic is not None else reply_to
-    if topic is None:
-        return default
-    check_topic_name(topic)
-    if not any(topic_matches(pattern, topic) for pattern in allow):
-        raise BadRequest(f"reply topic {topic[:80]!r} is not in the allow-list")
-    return topic
-
-
-def encode(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def answer_payload(request_id: str, *, text: str, finish_reason: str, model: str, provider: str,
-                   prompt_tokens: int, completion_tokens: int, queue_ms: float, ttft_ms: float | None,
-                   total_ms: float, tokens_per_s: float, frames: list[dict[str, Any]] | None = None,
-                   extra: Mapping[str, Any] | None = None) -> bytes:
-    """`extra`: "json" (a structured answer's value), "done" (the end of a stream)."""
-    extra = {**(extra or {}), **({"frames": frames} if frames is not None else {})}
-    return encode({
-        "id": request_id, "ok": True, "text": text, "finish_reason": finish_reason,
-        "model": model, "provider": provider,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-        "timings": {"queue_ms": round(queue_ms, 1),
-                    "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
-                    "total_ms": round(total_ms, 1), "tokens_per_s": round(tokens_per_s, 1)},
-        **extra,
-    })
-
-
-def error_payload(request_id: str | None, code: ErrorCode, message: str, *, done: bool = False,
-                  **extra: Any) -> bytes:
-    """`done`: the request asked to stream; its error ends the stream too."""
-    return encode({"id": request_id, "ok": False,
-                   "error": {"code": code.value, "message": message, **extra},
-                   **({"done": True} if done else {})})
-
-
-def chunk_payload(request_id: str, seq: int, delta: str) -> bytes:
-    """One piece of a streamed answer: `seq` counts from 1 without gaps."""
-    return encode({"id": request_id, "seq": seq, "delta": delta, "done": False})
 
 
 def parse_cancel(payload: bytes, max_bytes: int) -> str:
