@@ -4,7 +4,9 @@ Where the frame comes from. `continuous` mode: one thread per camera grabs every
 source delivers it, so no buffer in FFmpeg or the V4L2 driver fills up, and keeps only the latest
 (with its capture time and sequence number). A grab demuxes and decodes (FFmpeg) or dequeues
 (V4L2); a frame is converted to BGR ("retrieved") only when a request waits for one, so an idle
-camera costs what decoding its stream costs. `on_demand` mode: the same thread runs only while a
+camera costs what decoding its stream costs. With motion enabled, a frame is also retrieved when a
+look is due (at most `motion.fps` a second) and handed to motion.py; it serves requests too, being
+the newest. `on_demand` mode: the same thread runs only while a
 request needs frames: it opens the source, lets the frames buffered while opening go by (and a few
 more for a USB camera's auto-exposure), hands over a frame and closes. It costs nothing between
 requests, but each request pays the open: ≈1.7 s on an FFmpeg network stream while it probes.
@@ -38,6 +40,7 @@ from edge_agent.errors import BadRequest, CameraUnavailable, ConfigError, StaleF
 from edge_agent.log import get_logger
 from edge_agent.settings import CameraSettings
 from edge_agent.backoff import backoff_delay
+from edge_agent.motion import MotionListener, MotionWatch
 from edge_agent.sources import redact, source_kind, source_problems
 
 log = get_logger("camera")
@@ -131,6 +134,8 @@ class Camera:
         self._interval = 1.0 / DEFAULT_FPS  # between frames of the source, once it is open
         self._stop, self._users, self._users_lock = threading.Event(), 0, threading.Lock()  # users: see _in_use
         self._thread: threading.Thread | None = None
+        watching = settings.motion.enabled and settings.mode == "continuous"
+        self._motion = MotionWatch(name, settings.motion) if watching else None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +154,8 @@ class Camera:
             self._run_id += 1
             self._state, self._frame = "idle", None
             self._cond.notify_all()
+        if self._motion is not None:
+            self._motion.clear("camera stopped")
 
     def join(self) -> None:
         """Wait for the thread; one stuck in a hung read is left behind (a daemon)."""
@@ -190,6 +197,17 @@ class Camera:
                 if self._users == 0:
                     self.signal_stop()  # the thread closes the source after its current grab
 
+    # --- motion ------------------------------------------------------------------------------
+    @property
+    def motion_state(self) -> str | None:
+        """"ON" or "OFF"; None when this camera does not detect motion."""
+        return None if self._motion is None else self._motion.state
+
+    def set_motion_listener(self, listener: MotionListener | None) -> None:
+        """`listener(camera, "ON"|"OFF")` on each change, from the capture thread; it must be quick."""
+        if self._motion is not None:
+            self._motion.set_listener(listener)
+
     # --- requests ----------------------------------------------------------------------------
     def fresh_frame(self) -> Frame:
         """A frame no older than max_frame_age_ms; waits at most fresh_wait_ms for one (on
@@ -224,7 +242,8 @@ class Camera:
             return {"state": state, "mode": self.settings.mode, "kind": self.kind,
                     "fps": round((len(recent) - 1) / span, 1) if span > 0 else 0.0,
                     "last_frame_age_ms": age, "frames": self._seq, "frames_dropped": self._dropped,
-                    "reconnects": self._reconnects, "error": self._why(now) if state != "streaming" else None}
+                    "reconnects": self._reconnects, "error": self._why(now) if state != "streaming" else None,
+                    "motion": self.motion_state}
 
     def _hung(self, now: float) -> bool:
         limit = self.settings.read_timeout_s + WATCHDOG_GRACE_S
@@ -287,10 +306,13 @@ class Camera:
             delay = backoff_delay(attempt, s.reconnect_min_s, s.reconnect_max_s)
             attempt += 1
             with self._cond:
-                if run_id == self._run_id:
+                current = run_id == self._run_id
+                if current:
                     self._reconnects += 1
                     self._state, self._error = "failed" if attempt >= FAILED_AFTER else "reconnecting", error
                     self._cond.notify_all()
+            if current and self._motion is not None:
+                self._motion.clear("camera failed")
             log.warning("camera.reconnecting", camera=self.name, error=error, attempt=attempt,
                         retry_in_s=round(delay, 2))
             stop.wait(delay)
@@ -339,9 +361,12 @@ class Camera:
             if self._state != "streaming":
                 self._state, self._error = "streaming", ""
                 log.info("camera.streaming", camera=self.name)
-            if not any(grabbed_at >= t for t in self._wants):
-                return  # nobody waits: the frame stays in the decoder, unconverted
-        frame = self._retrieve(cap, seq, grabbed_at, wall)
+            wanted = any(grabbed_at >= t for t in self._wants)
+        look = self._motion is not None and self._motion.due(grabbed_at)
+        if not (wanted or look):
+            return  # nobody waits and no look is due: the frame stays in the decoder, unconverted
+        image = self._image(cap)
+        frame = None if image is None else self._frame_of(image, seq, grabbed_at, wall)
         with self._cond:
             if run_id != self._run_id:
                 return
@@ -349,20 +374,25 @@ class Camera:
             if frame is not None:
                 self._frame = frame
                 self._cond.notify_all()
+        if look and image is not None:
+            assert self._motion is not None
+            self._motion.look(image, grabbed_at, lambda: run_id == self._run_id)
 
-    def _retrieve(self, cap: cv2.VideoCapture, seq: int, mono: float, wall: float) -> Frame | None:
+    @staticmethod
+    def _image(cap: cv2.VideoCapture) -> np.ndarray | None:
+        """The grabbed frame as BGR, as the source delivers it; None if it would not decode."""
         try:
             ok, image = cap.retrieve()
         except cv2.error:
             return None
-        if not ok or image is None or image.size == 0:
-            return None
+        return image if ok and image is not None and image.size else None
+
+    def _frame_of(self, image: np.ndarray, seq: int, mono: float, wall: float) -> Frame:
         s = self.settings
         if s.width and s.height and (image.shape[1], image.shape[0]) != (s.width, s.height):
             image = cv2.resize(image, (s.width, s.height), interpolation=cv2.INTER_AREA)
         if s.rotate:
             image = cv2.rotate(image, ROTATIONS[s.rotate])
         return Frame(self.name, image, wall, mono, seq, image.shape[1], image.shape[0])
-
 
 # --- the configured cameras ------------------------------------------------------------------

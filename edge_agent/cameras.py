@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from edge_agent.errors import BadRequest
 from edge_agent.log import get_logger
@@ -35,6 +35,7 @@ class CameraSet:
     def __init__(self, cameras: Mapping[str, CameraSettings]) -> None:
         module = _validated(cameras)
         self._cameras: dict[str, Camera] = {name: module.Camera(name, cam) for name, cam in cameras.items()}
+        self._motion_listener: Callable[[str, str], None] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -45,6 +46,14 @@ class CameraSet:
         if camera is None:
             raise BadRequest(f"unknown camera {name!r}")
         return camera
+
+    def set_motion_listener(self, listener: Callable[[str, str], None] | None) -> None:
+        """`listener(camera, "ON"|"OFF")` on every motion change of any camera, now and after a
+        reconfigure; called from capture threads, so it must only enqueue. A camera tells "OFF"
+        once it streams, and "OFF" when it stops or fails while ON."""
+        self._motion_listener = listener
+        for camera in self._cameras.values():
+            camera.set_motion_listener(listener)
 
     def start_all(self) -> None:
         for camera in self._cameras.values():
@@ -70,6 +79,7 @@ class CameraSet:
         for name, settings in cameras.items():
             if name not in self._cameras:
                 camera = module.Camera(name, settings)
+                camera.set_motion_listener(self._motion_listener)
                 camera.start()
                 self._cameras = {**self._cameras, name: camera}  # readers see old or new dict
         log.info("cameras.reconfigured", stopped=stale, running=sorted(self._cameras))

@@ -69,3 +69,33 @@ def make_clip(path: Path, seconds: float = 1.0, size: str = "320x240", fps: int 
                     "-i", f"testsrc=size={size}:rate={fps}", "-t", str(seconds), "-c:v", "mpeg4",
                     str(path)], check=True)
     return path
+
+
+# Still and moving scenes for motion detection: one frozen testsrc frame, as MJPEG at quality 2.
+# Every frame of a still part encodes to the same bytes, so a looping still clip holds no change.
+FROZEN = "trim=end_frame=1,loop=loop=-1:size=1,setpts=N/FRAME_RATE/TB"
+
+
+def _write_scene(path: Path, seconds: float, size: str, fps: int, graph: str, inputs: tuple[str, ...] = ()) -> Path:
+    subprocess.run([ffmpeg(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi",
+                    "-i", f"testsrc=size={size}:rate={fps}", *inputs, "-filter_complex", graph,
+                    "-frames:v", str(round(seconds * fps)), "-c:v", "mjpeg", "-q:v", "2", str(path)], check=True)
+    return path
+
+
+def make_still_clip(path: Path, seconds: float = 4, size: str = "640x480", fps: int = 15) -> Path:
+    """A textured scene that never changes (MJPEG in AVI: name the path *.avi)."""
+    return _write_scene(path, seconds, size, fps, f"[0:v]{FROZEN}")
+
+
+def make_motion_clip(path: Path, still_s: float = 3, moving_s: float = 3, size: str = "640x480",
+                     fps: int = 15) -> Path:
+    """The still scene for `still_s`, then a box (white in black, a fifth of the height) crossing it
+    left to right at mid-height for `moving_s`: it enters at `still_s` and has left at the end, so
+    the clip loops back to the still scene without a jump."""
+    side = int(size.split("x")[1]) // 5
+    box = f"color=c=black:size={side}x{side}:rate={fps}"
+    graph = (f"[0:v]{FROZEN}[scene];[1:v]drawbox=x={side // 4}:y={side // 4}:w={side // 2}:h={side // 2}"
+             f":color=white:t=fill[box];[scene][box]overlay=x='-w+(W+w)*(t-{still_s})/{moving_s}'"
+             f":y=(H-h)/2:enable='gte(t,{still_s})'")
+    return _write_scene(path, still_s + moving_s, size, fps, graph, ("-f", "lavfi", "-i", box))
