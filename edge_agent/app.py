@@ -5,34 +5,35 @@ from __future__ import annotations
 
 import threading
 import time
-
-import structlog
+from typing import Any
 
 from edge_agent import log as logging_setup
-from edge_agent.errors import AgentError, ErrorCode, Unavailable
-from edge_agent.handler import Job, RequestHandler
+from edge_agent.errors import Unavailable
+from edge_agent.ha_bridge import HomeAssistantBridge, subscriptions as ha_subscriptions
+from edge_agent.handler import RequestHandler
 from edge_agent.inflight import InFlight
+from edge_agent.intake import Intake
+from edge_agent.jobs import Job
 from edge_agent.catalog import is_catalog_name, resolve_model_path
 from edge_agent.inference import EngineProcess
 from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
 from edge_agent.prompts import PromptTemplate
-from edge_agent.protocol import (Request, RequestError, RequestLimits, Topics, chunk_payload,
-                                 choose_reply_topic, encode, error_payload, parse_cancel, parse_request)
+from edge_agent.protocol import RequestLimits, Topics, chunk_payload, error_payload
 from edge_agent.structured import parse_response_format
 from edge_agent.cameras import CameraSet
-from edge_agent.reload import CAMERAS, LOGGING, MODEL, MQTT, changed_parts
-from edge_agent.delivery import DUPLICATE, Delivery
+from edge_agent.reload import CAMERAS, HOME_ASSISTANT, LOGGING, MODEL, MQTT, WATCH, changed_parts
+from edge_agent.delivery import Delivery
+from edge_agent.reports import Reports
 from edge_agent.scheduler import Scheduler
 from edge_agent.store import Store
 from edge_agent.settings import Settings
 from edge_agent.stats import Stats
 from edge_agent.vision import ImageGatherer
+from edge_agent.watch import Watcher
 
 log = get_logger("app")
-BUSY_RETRY_AFTER_MS = 1000
-STATUS_REFRESH_S = 30.0
 # The MQTT network thread loops every 0.2 s; a connect attempt may block up to paho's 5 s
 # connect timeout plus name resolution. Silent longer than this (plus the reconnect back-off
 # while disconnected) means it is wedged, and the systemd watchdog pings stop.
@@ -47,6 +48,7 @@ class Agent:
         self.cameras = CameraSet(settings.cameras)
         self.status = StatusBoard(settings.device_id)
         self.stats = Stats()
+        self.reports = Reports(self, self.status, self.stats)
         self.engine = make_engine(settings)
         self.handler: RequestHandler | None = None
         self.scheduler: Scheduler | None = None
@@ -56,10 +58,11 @@ class Agent:
         self._early_lock = threading.Lock()
         self._early: list[Incoming] | None = []  # delivered before the worker runs; None after
         self._stopping = threading.Event()
-        self._camera_states: dict[str, str] = {}
         self.in_flight = InFlight()
-        self._status_at = 0.0
-        self._stats_at = time.monotonic()
+        self.intake = Intake(self, self.delivery, self.in_flight, self.stats)
+        self.watcher = Watcher(self.intake.submit_fields, self._publish_retained, lambda: self.topics)
+        self.home_assistant = HomeAssistantBridge(self)
+        self.cameras.set_motion_listener(self._on_motion)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -79,7 +82,10 @@ class Agent:
             early, self._early = self._early, None
         for incoming in early or []:
             self._on_message(incoming)
-        self._set_status("ready", cameras=self.cameras.info())
+        self.watcher.configure(self.settings)
+        self.watcher.start()
+        self._set_status("ready", cameras=self.cameras.info(), watch=self.watcher.info())
+        self.home_assistant.announce()
         log.info("agent.ready", request_topic=self.topics.request)
 
     def stop(self) -> None:
@@ -87,10 +93,10 @@ class Agent:
         self._stopping.set()
         self._set_status("stopping")
         self.link.accept_requests(False, keep_session=True)
+        self.watcher.stop()
         if self.scheduler is not None:
             for job in self.scheduler.stop(self.settings.shutdown_grace_s):
-                self._reply_error(job.reply_topic, job.request, Unavailable("the agent is stopping"),
-                                  job.message)
+                self._refuse(job, Unavailable("the agent is stopping"))
         self.cameras.stop_all()
         self.engine.close()
         offline = self.status.set("offline")
@@ -130,6 +136,10 @@ class Agent:
             self.scheduler.set_workers(self._max_batch())
         if CAMERAS in parts:
             self.cameras.reconfigure(new.cameras)
+        if WATCH in parts or CAMERAS in parts:
+            self.watcher.configure(new)
+        if WATCH in parts or CAMERAS in parts or HOME_ASSISTANT in parts or MODEL in parts:
+            self.home_assistant.announce()
         if LOGGING in parts:
             logging_setup.configure(new.log_level, new.log_format)
         if link is not None:
@@ -158,7 +168,8 @@ class Agent:
         self.link.publish(self.topics.status, self.status.set("degraded", error=error), retain=True)
 
     def healthy(self) -> bool:
-        return self.link.loop_alive() and (self.scheduler is None or self.scheduler.alive())
+        return (self.link.loop_alive() and self.watcher.alive()
+                and (self.scheduler is None or self.scheduler.alive()))
 
     def serving(self) -> bool:
         """Model loaded and warmed up, worker running, subscribed, broker connected: what
@@ -174,89 +185,25 @@ class Agent:
             return False
         return self.scheduler is None or self.scheduler.progressing(self.settings.limits.max_timeout_s, now)
 
-    # --- requests (network thread: parse, validate, enqueue; never generate) ----------------
+    # --- what comes in (network thread: route to the intake; never generate) ------------------
     def _on_message(self, incoming: Incoming) -> None:
         with self._early_lock:
             if self._early is not None:  # a resumed session delivers at once: hold until ready
                 self._early.append(incoming)
                 return
-        try:
-            self._take(incoming)
-        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, answered
-            log.exception("request.unexpected_error")
-            try:
-                self._reply_error(self._error_topic(incoming), None, AgentError(
-                    f"unexpected {type(exc).__name__} while taking the request", ErrorCode.INTERNAL), incoming)
-            except Exception:  # noqa: BLE001 - left unacknowledged: the broker delivers it again
-                log.exception("request.unanswered")
+        topics = self.topics
+        if incoming.topic in (topics.cancel, topics.fleet_cancel):
+            self.intake.take_cancel(incoming)
+        elif self.home_assistant.takes(incoming):
+            self.home_assistant.take(incoming)
+        else:
+            self.intake.take_request(incoming)
 
-    def _take(self, incoming: Incoming) -> None:
-        if incoming.topic in (self.topics.cancel, self.topics.fleet_cancel):
-            self._take_cancel(incoming)
-            return
-        received = time.monotonic()
-        try:
-            request = parse_request(incoming.payload, self.limits)
-        except RequestError as exc:
-            with structlog.contextvars.bound_contextvars(request_id=exc.request_id):
-                self._reply_error(self._error_topic(incoming), exc.request_id, exc, incoming)
-            return
-        with structlog.contextvars.bound_contextvars(request_id=request.id):
-            default = self._default_reply_topic(incoming)
-            try:
-                topic = choose_reply_topic(incoming.response_topic, request.reply_to,
-                                           default, self.settings.mqtt.reply_topic_allow)
-            except AgentError as exc:
-                self._reply_error(default, request, exc, incoming)
-                return
-            if self._stopping.is_set() or self.scheduler is None:
-                self._reply_error(topic, request, Unavailable("the agent is stopping"), incoming)
-                return
-            if self.delivery.admit(request.id, request.id_given, incoming,
-                                   (topic, incoming.correlation_data)) == DUPLICATE:
-                return
-            job = Job(request, topic, incoming.correlation_data, received,
-                      self._deadline(received, request.timeout_s, incoming.expiry_s), incoming)
-            self.in_flight.add(job)
-            if not self.scheduler.submit(job):
-                self.in_flight.forget(job)
-                self._reply_error(topic, request, AgentError(
-                    f"queue full ({self.settings.limits.queue_size} waiting)", ErrorCode.BUSY),
-                    incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
-                return
-            log.info("request.accepted", queue_depth=self.scheduler.depth, reply_topic=topic)
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
-    def _take_cancel(self, incoming: Incoming) -> None:
-        """`{"id"}` on the cancel topic: that request ends, answered with the text it has.
-        Unknown or finished ids change nothing; a malformed cancel gets an error answer."""
-        self.link.ack(incoming)  # nothing to keep: a cancel lost in a crash has nothing to end
-        try:
-            request_id = parse_cancel(incoming.payload, self.limits.max_payload_bytes)
-        except AgentError as exc:
-            self._reply_error(self._error_topic(incoming), None, exc, None)
-            return
-        found = self.in_flight.cancel(request_id)
-        log.info("request.cancel", request_id=request_id, found=found, topic=incoming.topic)
-
-    def _default_reply_topic(self, incoming: Incoming) -> str:
-        """A fleet request (shared subscription) is answered on the fleet's response topic."""
-        if incoming.topic == self.topics.fleet_request:
-            return self.topics.fleet_response
-        return self.topics.response
-
-    def _error_topic(self, incoming: Incoming) -> str:
-        """Where the error for an unreadable request goes: its response topic if usable."""
-        default = self._default_reply_topic(incoming)
-        try:
-            return choose_reply_topic(incoming.response_topic, None, default,
-                                      self.settings.mqtt.reply_topic_allow)
-        except AgentError:
-            return default
-
-    @staticmethod
-    def _deadline(received: float, timeout_s: float | None, expiry_s: int | None) -> float | None:
-        limits = [v for v in (timeout_s, expiry_s) if v is not None]
-        return received + min(limits) if limits else None
+    def ack(self, incoming: Incoming) -> None:
+        self.link.ack(incoming)
 
     def _process(self, job: Job) -> None:
         assert self.handler is not None
@@ -264,6 +211,9 @@ class Agent:
             payload, outcome = self.handler.handle(job, lambda seq, delta: self._publish_chunk(job, seq, delta))
         finally:
             self.in_flight.forget(job)
+        if job.on_done is not None:  # a rule run or a Home Assistant prompt: not a pipeline's answer
+            job.on_done(payload, outcome)
+            return
         latency_ms = (time.monotonic() - job.received_at) * 1000 if outcome == "ok" else None
         self.stats.requests.count(outcome, latency_ms)
         self.delivery.answer(job.request.id, job.request.id_given, job.reply_topic, payload,
@@ -275,20 +225,26 @@ class Agent:
         self.link.publish(job.reply_topic, chunk_payload(job.request.id, seq, delta),
                           correlation_data=job.correlation_data, qos=0)
 
-    def _reply_error(self, topic: str, request: Request | str | None, exc: AgentError,
-                     incoming: Incoming | None, **extra: object) -> None:
-        """An error answer given instead of running the request: a re-send of its id may run."""
-        self.stats.requests.count(exc.code.value)
-        log.info("request.rejected", code=exc.code.value, reason=exc.message)
-        request_id = request.id if isinstance(request, Request) else request
-        id_given = request.id_given if isinstance(request, Request) else request is not None
-        self.delivery.answer(request_id, id_given, topic,
-                             error_payload(request_id, exc.code, exc.message, **extra),
-                             incoming.correlation_data if incoming else None, incoming, final=False)
+    def _refuse(self, job: Job, exc: Unavailable) -> None:
+        """A queued job that will not run: its error goes where its answer would have."""
+        if job.on_done is not None:
+            job.on_done(error_payload(job.request.id, exc.code, exc.message), exc.code.value)
+        else:
+            self.intake.reply_error(job.reply_topic, job.request, exc, job.message)
+
+    def _publish_retained(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        """Rule state, events, motion: paho queues them while the broker is away (QoS 1)."""
+        self.link.publish(topic, payload, retain=retain)
+
+    def _on_motion(self, camera: str, state: str) -> None:
+        """From a capture thread: publish the retained state, let the rules know."""
+        self.link.publish(self.topics.motion(camera), state.encode(), retain=True)
+        self.watcher.on_motion(camera, state)
 
     def _on_connected(self) -> None:
-        self._publish_status()
+        self.reports.publish_status()
         self.delivery.replay()
+        self.home_assistant.announce()
 
     # --- parts -------------------------------------------------------------------------------
     def _new_link(self, settings: Settings, topics: Topics) -> BrokerLink:
@@ -298,7 +254,8 @@ class Agent:
                           receive_maximum=settings.mqtt.receive_maximum or settings.limits.queue_size + 32,
                           shared_topic=topics.shared_fleet_request(settings.mqtt.shared_group)
                           if settings.mqtt.shared_group else None,
-                          control_topics=(topics.cancel,) + ((topics.fleet_cancel,) if settings.mqtt.shared_group else ()))
+                          control_topics=(topics.cancel,) + ((topics.fleet_cancel,) if settings.mqtt.shared_group else ())
+                          + ha_subscriptions(settings, topics))
 
     def _new_handler(self) -> RequestHandler:
         return RequestHandler(self.engine, self.settings.model.max_new_tokens,
@@ -323,47 +280,24 @@ class Agent:
 
     # --- status ----------------------------------------------------------------------------
     def _set_status(self, state: str, **fields: object) -> None:
-        self.status.set(state, **fields)
-        self._publish_status()
+        self.reports.set_status(state, **fields)
 
     def refresh_status(self, force: bool = False) -> None:
-        """Republish when a camera changed state, or every STATUS_REFRESH_S for fps and ages."""
-        cameras = self.cameras.info()
-        states = {name: info["state"] for name, info in cameras.items()}
-        now = time.monotonic()
-        if force or states != self._camera_states or now - self._status_at >= STATUS_REFRESH_S:
-            self._camera_states = states
-            self._set_status(self.status.state, cameras=cameras)
-
-    def _publish_status(self) -> None:
-        self._status_at = time.monotonic()
-        # Only while connected; every connect publishes the current status (_on_connected),
-        # after subscribing. Sent while connecting, paho puts it right behind CONNECT, before
-        # the request subscription: a request sent on seeing `ready` was lost. Queued while
-        # disconnected, it went out after the current one: a ready agent's retained status
-        # said `starting`.
-        if self.link.connected:
-            self.link.publish(self.topics.status, self.status.payload(), retain=True)
+        self.reports.refresh_status(force)
 
     def publish_stats(self) -> None:
-        """Every `stats_interval_s` (0: never). QoS 0, not retained: a missed one is
-        replaced by the next, and none pile up in paho's queue while the broker is away."""
-        interval, now = self.settings.stats_interval_s, time.monotonic()
-        if interval <= 0 or now - self._stats_at < interval:
-            return
-        self._stats_at = now
-        try:
-            doc = self.stats.document(
-                device_id=self.settings.device_id, cameras=self.cameras.info(),
-                queue_depth=self.scheduler.depth if self.scheduler else 0,
-                busy_rejected=self.scheduler.rejected if self.scheduler else 0)
-            doc["in_flight"] = self.scheduler.running if self.scheduler else 0
-            doc["delivery"] = self.delivery.stats()
-            doc["inference_restarts"] = self.engine.crashes
-        except Exception:  # noqa: BLE001 - stats must never take the daemon down
-            log.exception("stats.failed")
-            return
-        self.link.publish(self.topics.stats, encode(doc), qos=0)
+        self.reports.publish_stats()
+
+    def cameras_info(self) -> dict[str, dict[str, Any]]:
+        return self.cameras.info()
+
+    def work_info(self) -> dict[str, Any]:
+        scheduler = self.scheduler
+        return {"queue_depth": scheduler.depth if scheduler else 0,
+                "busy_rejected": scheduler.rejected if scheduler else 0,
+                "in_flight": scheduler.running if scheduler else 0,
+                "delivery": self.delivery.stats(), "inference_restarts": self.engine.crashes,
+                "watch": self.watcher.info()}
 
 
 def request_limits(settings: Settings) -> RequestLimits:

@@ -11,8 +11,10 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.cli_models import HANDLERS as MODEL_HANDLERS, add_parsers as add_model_commands
+from edge_agent.cli_watch import HANDLERS as WATCH_HANDLERS, add_parsers as add_watch_commands
+from edge_agent.errors import EXIT_CONFIG
 
-EXIT_ANSWERED, EXIT_ERROR_ANSWER, EXIT_NO_ANSWER, EXIT_CONFIG = 0, 1, 2, 78
+EXIT_ANSWERED, EXIT_ERROR_ANSWER, EXIT_NO_ANSWER = 0, 1, 2
 EXIT_USAGE = 64  # sysexits EX_USAGE: options that do not go together
 
 
@@ -61,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                      help='hold the answer to a format, e.g. \'{"type": "json_object"}\' (docs/protocol.md)')
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     add_model_commands(commands, config_help)  # providers, models list|pull|verify
+    add_watch_commands(commands, config_help)  # watch list|run
     return parser
 
 
@@ -123,8 +126,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from edge_agent.errors import BrokerError
-    from edge_agent.mqtt import ask_once
     from edge_agent.protocol import Topics, encode
 
     settings = _load(args.config)
@@ -189,22 +190,34 @@ def cmd_ask(args: argparse.Namespace) -> int:
             print(doc["delta"], end="", flush=True)
         return True
 
+    return send_and_print("ask", mqtt_settings, topic, make_payload, args,
+                          on_chunk=print_chunk if args.stream else None, streamed=streamed)
+
+
+def send_and_print(command: str, mqtt_settings: Any, topic: str, make_payload: Any, args: argparse.Namespace,
+                   on_chunk: Any = None, streamed: list[str] | None = None) -> int:
+    """Send one request, print its answer (`--json`: all of it; else the text or JSON value,
+    errors on stderr) and return the exit code."""
+    from edge_agent.errors import BrokerError
+    from edge_agent.mqtt import ask_once
+
     try:
-        raw = ask_once(mqtt_settings, topic, make_payload, args.timeout,
-                       on_chunk=print_chunk if args.stream else None)
+        raw = ask_once(mqtt_settings, topic, make_payload, args.timeout, on_chunk=on_chunk)
     except BrokerError as exc:
-        print(f"edge-agent ask: {exc}", file=sys.stderr)
+        print(f"edge-agent {command}: {exc}", file=sys.stderr)
         return EXIT_NO_ANSWER
     if raw is None:
-        print(f"edge-agent ask: no answer on {topic} within {args.timeout:g} s", file=sys.stderr)
+        print(f"edge-agent {command}: no answer on {topic} within {args.timeout:g} s", file=sys.stderr)
         return EXIT_NO_ANSWER
     answer = json.loads(raw)
     if args.json:
         print(json.dumps(answer, indent=2, ensure_ascii=False))
-    elif answer.get("ok"):
-        # Streamed: the rest of the text (all of it if chunks were lost); else the whole text.
+    elif answer.get("ok") and streamed:
+        # Streamed: the rest of the text (all of it if chunks were lost).
         shown = "".join(streamed)
         print(answer["text"][len(shown):] if answer["text"].startswith(shown) else "\n" + answer["text"])
+    elif answer.get("ok"):
+        print(json.dumps(answer["json"], ensure_ascii=False) if "json" in answer else answer["text"])
     else:
         print(f"error {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
     return EXIT_ANSWERED if answer.get("ok") else EXIT_ERROR_ANSWER
@@ -247,5 +260,5 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "check-config": cmd_check_config, "ask": cmd_ask, "snapshot": cmd_snapshot,
-                **MODEL_HANDLERS}
+                **MODEL_HANDLERS, **WATCH_HANDLERS}
     return handlers[args.command](args)

@@ -12,7 +12,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 78
+from edge_agent.errors import EXIT_CONFIG
+
+EXIT_OK, EXIT_FAILED = 0, 1
 PROVIDER_ORDER = ("cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
 # Distributions that carry ORT GenAI or ONNX Runtime; two of one module at once is a broken install.
 PACKAGES = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml",

@@ -11,14 +11,14 @@ from types import FrameType
 from edge_agent.app import Agent
 from edge_agent.cameras import validate_cameras
 from edge_agent.catalog import resolve_model_path
-from edge_agent.errors import BrokerError, ConfigError, ModelLoadError
+from edge_agent.errors import EXIT_CONFIG, BrokerError, ConfigError, ModelLoadError
 from edge_agent.health import SystemdNotifier, SystemdService
 from edge_agent.log import get_logger
 from edge_agent.reload import ConfigWatcher
 from edge_agent.settings import ConfigSources, Settings, load_settings
 
 log = get_logger("daemon")
-EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
+EXIT_OK, EXIT_FAILURE = 0, 1
 HEALTH_CHECK_S = 1.0
 
 

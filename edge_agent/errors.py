@@ -78,6 +78,9 @@ class Forbidden(AgentError):
     code = ErrorCode.FORBIDDEN
 
 
+EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd's RestartPreventExitStatus= stops a restart loop on it
+
+
 class ConfigError(Exception):
     """Settings could not be loaded; `problems` holds one line per problem."""
 

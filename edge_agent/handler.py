@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from edge_agent.errors import AgentError, ErrorCode, Timeout, Unsupported
 from edge_agent.inference.types import FINISH_CANCELLED, Generation, GenerationParams, Guidance, Work
+from edge_agent.jobs import Job, RunningRequest
 from edge_agent.log import get_logger
 from edge_agent.protocol import Request, answer_payload, error_payload
 from edge_agent.structured import json_value
 
 log = get_logger("handler")
-
-
-class RunningRequest(Protocol):
-    def result(self) -> Generation: ...
-
-    def cancel(self) -> None: ...
 
 
 class Engine(Protocol):
@@ -32,39 +25,6 @@ class Engine(Protocol):
 
 class Gatherer(Protocol):
     def gather(self, request: Request) -> tuple[list[bytes], list[dict[str, Any]] | None]: ...
-
-
-@dataclass
-class Job:
-    """An accepted request on its way through the queue and the engine."""
-
-    request: Request
-    reply_topic: str
-    correlation_data: bytes | None = None
-    received_at: float = field(default_factory=time.monotonic)
-    deadline: float | None = None  # time.monotonic() after which it must not run
-    message: Any = None  # the MQTT message it came in, acknowledged once the answer is safe
-    cancelled: bool = False
-    _running: RunningRequest | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def expired(self, now: float | None = None) -> bool:
-        return self.deadline is not None and (now or time.monotonic()) > self.deadline
-
-    def cancel(self) -> None:
-        """End it with the text it has: queued, it is answered at once when its turn comes."""
-        with self._lock:
-            self.cancelled = True
-            running = self._running
-        if running is not None:
-            running.cancel()
-
-    def running(self, handle: RunningRequest) -> None:
-        with self._lock:
-            self._running = handle
-            cancelled = self.cancelled
-        if cancelled:  # a cancel that came while it was being handed over
-            handle.cancel()
 
 
 class StreamSink:

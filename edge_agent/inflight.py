@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from edge_agent.handler import Job
+from edge_agent.jobs import Job
 
 
 class InFlight:

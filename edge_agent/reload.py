@@ -22,6 +22,7 @@ log = get_logger("reload")
 
 # What a change needs, from lightest to heaviest. "live": swapped in, nothing restarts.
 LIVE, LOGGING, CAMERAS, MQTT, MODEL = "live", "logging", "cameras", "mqtt", "model"
+WATCH, HOME_ASSISTANT = "watch", "homeassistant"
 MODEL_KEYS = ("path", "provider", "provider_options", "fallback")
 LIVE_MQTT_KEYS = ("reply_topic_allow",)
 
@@ -32,12 +33,17 @@ def changed_parts(old: Settings, new: Settings) -> set[str]:
     if old == new:
         return parts
     old_mqtt, new_mqtt = old.mqtt.model_dump(exclude=set(LIVE_MQTT_KEYS)), new.mqtt.model_dump(exclude=set(LIVE_MQTT_KEYS))
+    if old.homeassistant != new.homeassistant:
+        # its topics (HA's birth, the prompt entity) are subscribed by the broker link
+        parts.update((HOME_ASSISTANT, MQTT))
     if old_mqtt != new_mqtt or old.device_id != new.device_id:
         parts.add(MQTT)
     if any(getattr(old.model, k) != getattr(new.model, k) for k in MODEL_KEYS) or old.inference != new.inference:
         parts.add(MODEL)
     if old.cameras != new.cameras:
         parts.add(CAMERAS)
+    if old.watch != new.watch:
+        parts.add(WATCH)
     if (old.log_level, old.log_format) != (new.log_level, new.log_format):
         parts.add(LOGGING)
     parts.add(LIVE)  # limits, images, token cap, timings: always re-read from the new snapshot

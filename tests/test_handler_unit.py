@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from edge_agent.app import Agent
+from edge_agent.intake import deadline
 from edge_agent.errors import TooLarge
 from edge_agent.handler import Job, RequestHandler, StreamSink
 from edge_agent.inference import Generation, GenerationParams, Work
@@ -81,9 +82,9 @@ def test_images_for_a_text_model_are_unsupported() -> None:
 
 
 def test_deadline_is_the_smaller_of_timeout_and_message_expiry() -> None:
-    assert Agent._deadline(100.0, 5.0, 2) == 102.0
-    assert Agent._deadline(100.0, 5.0, None) == 105.0
-    assert Agent._deadline(100.0, None, None) is None
+    assert deadline(100.0, 5.0, 2) == 102.0
+    assert deadline(100.0, 5.0, None) == 105.0
+    assert deadline(100.0, None, None) is None
 
 
 def test_a_streamed_answer_sends_chunks_and_ends_with_done() -> None:

@@ -23,7 +23,7 @@ from edge_agent import app as app_module
 from edge_agent.mqtt import client as mqtt
 from edge_agent import scheduler as scheduler_module
 from edge_agent.app import Agent, request_limits
-from edge_agent.handler import Job
+from edge_agent.jobs import Job
 from edge_agent.health import SystemdNotifier, SystemdService
 from edge_agent.protocol import parse_request
 from edge_agent.scheduler import Scheduler

@@ -55,11 +55,7 @@ def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[
     client.on_subscribe = lambda *args: subscribed.set()
     client.on_message = on_message
     deadline = time.monotonic() + timeout_s
-    try:
-        client.connect(settings.host, settings.port, settings.keepalive)
-    except (OSError, ssl.SSLError) as exc:
-        raise BrokerError(f"cannot connect to {settings.host}:{settings.port}: {exc}") from exc
-    client.loop_start()
+    _start(client, settings)
     try:
         if not subscribed.wait(max(0.1, deadline - time.monotonic())):
             return None
@@ -79,3 +75,53 @@ def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[
         client.disconnect()
         client.loop_stop()
 
+
+
+def read_retained(settings: MqttSettings, topic_filters: list[str], quiet_s: float = 0.5,
+                  timeout_s: float = 5.0) -> dict[str, bytes]:
+    """The retained messages under `topic_filters` (topic -> payload): the broker sends them
+    right after the subscription; done once none came for `quiet_s`."""
+    client = new_client(settings, f"edge-agent-read-{uuid.uuid4().hex[:12]}")
+    found: dict[str, bytes] = {}
+    refused: list[str] = []
+    last = [time.monotonic()]
+    subscribed = threading.Event()
+
+    def on_connect(c: paho.Client, u: Any, f: Any, reason: Any, p: Any) -> None:
+        if reason.is_failure:
+            refused.append(str(reason))
+            subscribed.set()
+        else:
+            c.subscribe([(t, 1) for t in topic_filters])
+
+    def on_subscribe(*args: Any) -> None:
+        last[0] = time.monotonic()
+        subscribed.set()
+
+    def on_message(c: paho.Client, u: Any, message: paho.MQTTMessage) -> None:
+        if message.retain and message.payload:
+            found[message.topic] = message.payload
+            last[0] = time.monotonic()
+
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    deadline = time.monotonic() + timeout_s
+    _start(client, settings)
+    try:
+        if not subscribed.wait(max(0.1, deadline - time.monotonic())) or refused:
+            raise BrokerError(f"the broker at {settings.host}:{settings.port} did not take the "
+                              f"subscription{': ' + refused[0] if refused else ''}")
+        while time.monotonic() < deadline and time.monotonic() - last[0] < quiet_s:
+            time.sleep(0.05)
+        return dict(found)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _start(client: paho.Client, settings: MqttSettings) -> None:
+    """Connect and start paho's thread; a broker out of reach is a BrokerError."""
+    try:
+        client.connect(settings.host, settings.port, settings.keepalive)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerError(f"cannot connect to {settings.host}:{settings.port}: {exc}") from exc
+    client.loop_start()
