@@ -228,3 +228,50 @@ def test_invalid_rules_are_refused_at_start(tmp_path: Path, broker: Broker, visi
     result = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(agent.config)],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 78 and words in result.stderr, result.stderr
+
+
+def test_an_invalid_rule_on_reload_is_refused_and_the_running_rules_go_on(
+        start: Callable[..., AgentProcess], broker: Broker, watcher: Client, clips: dict[str, Path]) -> None:
+    agent = start(cameras={"yard": camera(clips["still"])}, reload_debounce_s=0.2,
+                  watch={"ok": {"camera": "yard", "prompt": "Anything?", "every_s": 1, "max_tokens": 4,
+                                "publish": "always"}})
+    watcher.subscribe(agent.status_topic)
+    agent.rewrite(watch={"ok": {"camera": "yard", "prompt": "Anything?", "every_s": 1, "max_tokens": 4,
+                                "publish": "always"},
+                         "bad": {"camera": "garage", "prompt": "x", "every_s": 1}})
+    refused = watcher.wait_for(lambda d: d.get("device_id") == agent.device_id and d.get("config_error"), 15)
+    assert refused["config_error"] == [f"{agent.config}: watch.bad.camera: unknown camera 'garage' (yard)"]
+    before = stats(broker, agent)["watch"]
+    assert set(before) == {"ok"}
+    time.sleep(2.5)
+    assert stats(broker, agent)["watch"]["ok"]["runs"] >= before["ok"]["runs"] + 2
+
+
+def test_watch_list_and_watch_run(start: Callable[..., AgentProcess], watcher: Client, clips: dict[str, Path]) -> None:
+    agent = start(cameras={"yard": camera(clips["still"])},
+                  watch={"door": {"camera": "yard", "prompt": "Is the door open?", "every_s": 60,
+                                  "max_tokens": 12, "response_format": DOOR_SCHEMA, "change_key": "open"},
+                         "later": {"camera": "yard", "prompt": "x", "every_s": 5, "enabled": False}})
+    watcher.subscribe(watch_topic(agent, "door"))
+    state = json.loads(first(watcher, watch_topic(agent, "door"))[1])
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edge_agent", "watch", *args, "--config", str(agent.config)],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+
+    listing = cli("list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    rows = {row["rule"]: row for row in json.loads(listing.stdout)}
+    assert rows["door"]["last"]["json"] == state["json"] and rows["door"]["last"]["at"] == state["at"]
+    assert rows["door"]["next_at"] is not None and rows["later"]["enabled"] is False
+    text = cli("list")
+    assert "door: camera yard, every 60 s, publish change" in text.stdout
+    assert f"last result: {json.dumps(state['json'])} at {state['at']}" in text.stdout
+    assert "later: camera yard, every 5 s, publish change (disabled)" in text.stdout
+
+    ran = cli("run", "door")
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout) == state["json"]  # same frames, greedy: the same answer
+    assert collect(watcher, 1.0) == []  # `watch run` published no rule state
+    unknown = cli("run", "nope")
+    assert unknown.returncode == 78 and "no rule 'nope' (configured: door, later)" in unknown.stderr
