@@ -347,3 +347,35 @@ def _tree_kb(pid: int, proc_file: str, key: str) -> int:
             if line.startswith(key + ":"):
                 total += int(line.split()[1])
     return total
+
+
+DOOR_SCHEMA = {"type": "json_schema", "json_schema": {"name": "door", "schema": {
+    "type": "object", "properties": {"open": {"type": "boolean"}}, "required": ["open"]}}}
+
+
+def file_camera(clip: Path, motion: bool = False) -> dict[str, Any]:
+    return {"source": str(clip), **({"motion": {"enabled": True, "off_delay_s": 1.0}} if motion else {})}
+
+
+def collect(client: Client, seconds: float) -> list[tuple[float, str, bytes]]:
+    """Every message that arrives within `seconds`: (arrival time, topic, payload)."""
+    out, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            topic, payload, _ = client.messages.get(timeout=left)
+        except queue.Empty:
+            break
+        out.append((time.monotonic(), topic, payload))
+    return out
+
+
+def first(client: Client, topic: str, timeout: float = 60) -> tuple[float, bytes]:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            got, payload, _ = client.messages.get(timeout=left)
+        except queue.Empty:
+            break
+        if got == topic:
+            return time.monotonic(), payload
+    raise TimeoutError(f"nothing on {topic}")

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from faults import fault_hooks_env
-from support import AgentProcess, Broker, Client, build_model
+from support import DOOR_SCHEMA, AgentProcess, Broker, Client, build_model
 
 PROMPTS = [f"Tell me about topic number {n}" + " please" * n for n in range(8)]  # lengths differ
-
 
 def collect(client: Client, want: Callable[[list[dict[str, Any]]], bool], timeout: float = 30) -> list[dict[str, Any]]:
     """Every message on the client's topics until `want(messages)` holds."""
@@ -36,19 +35,15 @@ def collect(client: Client, want: Callable[[list[dict[str, Any]]], bool], timeou
         got.append(doc)
     return got
 
-
 def finals(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {m["id"]: m for m in messages if "ok" in m}  # answers, not chunks or status
-
 
 def send(client: Client, agent: AgentProcess, **request: Any) -> None:
     client.publish(agent.request_topic, json.dumps(request))
 
-
 def answers_for(client: Client, agent: AgentProcess, ids: list[str], timeout: float = 60) -> dict[str, dict[str, Any]]:
     got = collect(client, lambda ms: set(ids) <= set(finals(ms)), timeout)
     return finals(got)
-
 
 def test_concurrent_requests_are_answered_as_alone(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
@@ -77,7 +72,6 @@ def test_concurrent_requests_are_answered_as_alone(
     paths = [line["path"] for line in agent.log_lines() if line.get("event") == "request.done"]
     assert paths == ["single"] * 16, paths
 
-
 def test_streamed_chunks_have_no_gaps_and_add_up_to_the_answer(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
     agent = start_agent(broker, client, stream__interval_ms=0)
@@ -97,7 +91,6 @@ def test_streamed_chunks_have_no_gaps_and_add_up_to_the_answer(
     again += client.drain()
     assert [m for m in again if "seq" in m] == [] and again[0] == final
 
-
 def test_stream_chunks_are_coalesced(broker: Broker, client: Client,
                                      start_agent: Callable[..., AgentProcess]) -> None:
     agent = start_agent(broker, client, stream__interval_ms=60000)  # nothing goes out before the end
@@ -108,7 +101,6 @@ def test_stream_chunks_are_coalesced(broker: Broker, client: Client,
     # the first token goes out at once (nothing sent yet), the rest in one chunk at the end
     assert [c["seq"] for c in chunks] == [1, 2]
     assert "".join(c["delta"] for c in chunks) == finals(got)["s2"]["text"]
-
 
 def test_cancel_of_a_queued_and_of_a_running_request(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
@@ -133,7 +125,6 @@ def test_cancel_of_a_queued_and_of_a_running_request(
     assert [(c["request_id"], c["found"]) for c in cancels] == [("running", True), ("queued", True),
                                                                ("never-seen", False)]
 
-
 def test_a_malformed_cancel_is_answered_and_changes_nothing(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
     agent = start_agent(broker, client)
@@ -147,13 +138,8 @@ def test_a_malformed_cancel_is_answered_and_changes_nothing(
     send(client, agent, id="fine", prompt="hello", max_tokens=4)
     assert answers_for(client, agent, ["fine"])["fine"]["ok"]
 
-
-BOOL_SCHEMA = {"type": "json_schema", "json_schema": {"name": "door", "schema": {
-    "type": "object", "properties": {"open": {"type": "boolean"}}, "required": ["open"]}}}
-
-
 @pytest.mark.parametrize("response_format,check", [
-    (BOOL_SCHEMA, lambda doc: set(doc["json"]) == {"open"} and isinstance(doc["json"]["open"], bool)),
+    (DOOR_SCHEMA, lambda doc: set(doc["json"]) == {"open"} and isinstance(doc["json"]["open"], bool)),
     ({"type": "json_schema", "json_schema": {"name": "n", "schema": {
         "type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9},
                                          "color": {"enum": ["red", "blue"]}},
@@ -177,7 +163,6 @@ def test_every_response_format_holds_on_the_text_model(
         if "json" in doc:
             assert json.loads(doc["text"]) == doc["json"]
 
-
 @pytest.mark.parametrize("response_format,words", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}, "response_format refused"),
     ({"type": "regex", "regex": "("}, "response_format refused"),
@@ -198,19 +183,17 @@ def test_bad_response_formats_are_bad_requests(
     assert got["bad"]["error"]["code"] == "bad_request" and words in got["bad"]["error"]["message"], got["bad"]
     assert got["next"]["ok"]
 
-
 def test_a_template_carries_its_response_format(broker: Broker, client: Client,
                                                 start_agent: Callable[..., AgentProcess]) -> None:
     agent = start_agent(broker, client, prompts={"templates": {"door": {
-        "text": "Is the {name} door open?", "response_format": BOOL_SCHEMA}}})
+        "text": "Is the {name} door open?", "response_format": DOOR_SCHEMA}}})
     client.subscribe(agent.response_topic)
     send(client, agent, id="t1", template="door", vars={"name": "garage"}, max_tokens=32)
     doc = answers_for(client, agent, ["t1"])["t1"]
     assert doc["ok"] and isinstance(doc["json"]["open"], bool), doc
 
-
 @pytest.mark.parametrize("response_format,check", [
-    (BOOL_SCHEMA, lambda doc: set(doc["json"]) == {"open"} and isinstance(doc["json"]["open"], bool)),
+    (DOOR_SCHEMA, lambda doc: set(doc["json"]) == {"open"} and isinstance(doc["json"]["open"], bool)),
     ({"type": "regex", "regex": "(yes|no)"}, lambda doc: doc["text"] in ("yes", "no")),
     ({"type": "lark", "grammar": 'start: "Paris" | "London"'}, lambda doc: doc["text"] in ("Paris", "London")),
 ])
@@ -227,7 +210,6 @@ def test_formats_hold_on_the_vision_model_with_an_image(
     doc = answers_for(client, agent, ["v1"])["v1"]
     assert doc["ok"] and doc["finish_reason"] == "stop" and check(doc), doc
 
-
 def test_json_object_parses_and_an_answer_cut_short_has_no_json(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
     """Random weights: one prompt closes the object at once, another writes keys until
@@ -241,7 +223,6 @@ def test_json_object_parses_and_an_answer_cut_short_has_no_json(
     assert got["closed"]["finish_reason"] == "stop" and got["closed"]["json"] == {}, got["closed"]
     assert got["cut"]["finish_reason"] == "length" and "json" not in got["cut"], got["cut"]
     assert got["cut"]["text"].startswith('{"')
-
 
 def test_a_child_crash_fails_every_request_in_flight_and_the_next_succeed(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:

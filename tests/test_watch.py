@@ -4,7 +4,6 @@ cameras reading ffmpeg-made clips (a still scene, and one that starts moving).""
 from __future__ import annotations
 
 import json
-import queue
 import subprocess
 import sys
 import time
@@ -14,11 +13,10 @@ from typing import Any, Callable
 import pytest
 
 from faults import fault_hooks_env
-from support import REPO, AgentProcess, Broker, Client, build_model
+from support import DOOR_SCHEMA, REPO, AgentProcess, Broker, Client, build_model, collect, file_camera as camera, first
 from video import make_motion_clip, make_still_clip
 
-DOOR_SCHEMA = {"type": "json_schema", "json_schema": {"name": "door", "schema": {
-    "type": "object", "properties": {"open": {"type": "boolean"}}, "required": ["open"]}}}
+
 
 
 @pytest.fixture(scope="module")
@@ -47,34 +45,6 @@ def start(start_agent: Callable[..., AgentProcess], broker: Broker, client: Clie
         return start_agent(broker, client, model=vision_model, **overrides)
 
     return run
-
-
-def camera(clip: Path, motion: bool = False) -> dict[str, Any]:
-    return {"source": str(clip), **({"motion": {"enabled": True, "off_delay_s": 1.0}} if motion else {})}
-
-
-def collect(client: Client, seconds: float) -> list[tuple[float, str, bytes]]:
-    """Every message that arrives within `seconds`: (arrival time, topic, payload)."""
-    out, deadline = [], time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            topic, payload, _ = client.messages.get(timeout=left)
-        except queue.Empty:
-            break
-        out.append((time.monotonic(), topic, payload))
-    return out
-
-
-def first(client: Client, topic: str, timeout: float = 60) -> tuple[float, bytes]:
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            got, payload, _ = client.messages.get(timeout=left)
-        except queue.Empty:
-            break
-        if got == topic:
-            return time.monotonic(), payload
-    raise TimeoutError(f"nothing on {topic}")
 
 
 def stats(broker: Broker, agent: AgentProcess) -> dict[str, Any]:
