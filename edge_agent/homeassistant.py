@@ -31,6 +31,7 @@ _QUEUE_DEPTH = "{{ value_json.queue_depth }}"
 _ANSWER = ("{% set d = value_json %}"
            "{{ ((d.text if d.ok else (d.error or {}).message) | string)[:255] }}")
 _RULE_TEXT = "{{ (value_json.text | string)[:255] }}"
+# What a user reads beside the state; the rule's frames and timings are the agent's bookkeeping.
 _RULE_ATTRIBUTES = ("{{ {'text': value_json.get('text'), 'json': value_json.get('json'), "
                     "'at': value_json.get('at'), 'changed': value_json.get('changed'), "
                     "'previous': value_json.get('previous')} | to_json }}")
