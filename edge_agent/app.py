@@ -10,12 +10,14 @@ from typing import Any
 from edge_agent import log as logging_setup
 from edge_agent.errors import Unavailable
 from edge_agent.ha_bridge import HomeAssistantBridge, subscriptions as ha_subscriptions
-from edge_agent.handler import RequestHandler
+from edge_agent.handler import Engine, RequestHandler
 from edge_agent.inflight import InFlight
 from edge_agent.intake import Intake
 from edge_agent.jobs import Job
 from edge_agent.catalog import is_catalog_name, resolve_model_path
 from edge_agent.inference import EngineProcess
+from edge_agent.openai_backend import OpenAIServer
+from edge_agent.overflow import Overflow
 from edge_agent.health import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
@@ -23,7 +25,7 @@ from edge_agent.prompts import PromptTemplate
 from edge_agent.protocol import RequestLimits, Topics, chunk_payload, error_payload
 from edge_agent.structured import parse_response_format
 from edge_agent.cameras import CameraSet
-from edge_agent.reload import CAMERAS, HOME_ASSISTANT, LOGGING, MODEL, MQTT, WATCH, changed_parts
+from edge_agent.reload import CAMERAS, HOME_ASSISTANT, LOGGING, MODEL, MQTT, OVERFLOW, WATCH, changed_parts
 from edge_agent.delivery import Delivery
 from edge_agent.reports import Reports
 from edge_agent.scheduler import Scheduler
@@ -50,6 +52,7 @@ class Agent:
         self.stats = Stats()
         self.reports = Reports(self, self.status, self.stats)
         self.engine = make_engine(settings)
+        self.overflow = self._new_overflow(settings)
         self.handler: RequestHandler | None = None
         self.scheduler: Scheduler | None = None
         self.store = open_store(settings)
@@ -70,6 +73,10 @@ class Agent:
         then model, warm-up, worker, subscription."""
         self.link.start()
         self.cameras.start_all()
+        if self.overflow is not None:
+            self.overflow.start()
+            if "unloaded" in self.settings.overflow.when:  # the overflow answers while the model loads
+                self._take_requests()
         self.engine.load()
         self._set_status("starting", model=self.engine.name, provider=self.engine.provider,
                          provider_reason=self.engine.provider_reason, **self._batching_status())
@@ -77,16 +84,19 @@ class Agent:
         self.handler = self._new_handler()
         self.scheduler = Scheduler(self.settings.limits.queue_size, self._process, self._max_batch())
         self.scheduler.start()
+        self._take_requests()
+        self.watcher.configure(self.settings)
+        self.watcher.start()
+        self._set_status("ready", **self.live_status())
+        self.home_assistant.announce()
+        log.info("agent.ready", request_topic=self.topics.request)
+
+    def _take_requests(self) -> None:
         self.link.accept_requests(True)
         with self._early_lock:  # requests the broker session held for us while we were away
             early, self._early = self._early, None
         for incoming in early or []:
             self._on_message(incoming)
-        self.watcher.configure(self.settings)
-        self.watcher.start()
-        self._set_status("ready", cameras=self.cameras.info(), watch=self.watcher.info())
-        self.home_assistant.announce()
-        log.info("agent.ready", request_topic=self.topics.request)
 
     def stop(self) -> None:
         """Reverse order: stop taking requests, finish or refuse queued work, say offline."""
@@ -96,6 +106,9 @@ class Agent:
         self.watcher.stop()
         if self.scheduler is not None:
             for job in self.scheduler.stop(self.settings.shutdown_grace_s):
+                self._refuse(job, Unavailable("the agent is stopping"))
+        if self.overflow is not None:
+            for job in self.overflow.stop(self.settings.shutdown_grace_s):
                 self._refuse(job, Unavailable("the agent is stopping"))
         self.cameras.stop_all()
         self.engine.close()
@@ -134,6 +147,8 @@ class Agent:
         if self.scheduler is not None:
             self.scheduler.resize(new.limits.queue_size)
             self.scheduler.set_workers(self._max_batch())
+        if OVERFLOW in parts:
+            self._swap_overflow(new)
         if CAMERAS in parts:
             self.cameras.reconfigure(new.cameras)
         if WATCH in parts or CAMERAS in parts:
@@ -145,6 +160,18 @@ class Agent:
         if link is not None:
             self._swap_link(link, topics, old_settings)
         return parts
+
+    def _swap_overflow(self, new: Settings) -> None:
+        """The new server takes what overflows from now on; the old one finishes its requests."""
+        old, overflow = self.overflow, self._new_overflow(new)
+        if overflow is not None:
+            overflow.start()
+        self.overflow = overflow
+        if old is not None:
+            def finish() -> None:
+                for job in old.stop(new.shutdown_grace_s):
+                    self._refuse(job, Unavailable("the overflow server was replaced; send it again"))
+            threading.Thread(target=finish, name="overflow-close", daemon=True).start()
 
     def _swap_link(self, link: BrokerLink, topics: Topics, old: Settings) -> None:
         """Leave the old broker (saying offline there) before joining the new one: with the
@@ -205,10 +232,11 @@ class Agent:
     def ack(self, incoming: Incoming) -> None:
         self.link.ack(incoming)
 
-    def _process(self, job: Job) -> None:
-        assert self.handler is not None
+    def _process(self, job: Job, handler: RequestHandler | None = None) -> None:
+        handler = handler or self.handler
+        assert handler is not None
         try:
-            payload, outcome = self.handler.handle(job, lambda seq, delta: self._publish_chunk(job, seq, delta))
+            payload, outcome = handler.handle(job, lambda seq, delta: self._publish_chunk(job, seq, delta))
         finally:
             self.in_flight.forget(job)
         if job.on_done is not None:  # a rule run or a Home Assistant prompt: not a pipeline's answer
@@ -257,23 +285,31 @@ class Agent:
                           control_topics=(topics.cancel,) + ((topics.fleet_cancel,) if settings.mqtt.shared_group else ())
                           + ha_subscriptions(settings, topics))
 
-    def _new_handler(self) -> RequestHandler:
-        return RequestHandler(self.engine, self.settings.model.max_new_tokens,
+    def _new_overflow(self, settings: Settings) -> Overflow | None:
+        if not settings.overflow.base_url:
+            return None
+        return Overflow(settings.overflow, self._new_handler, self._process)
+
+    def _new_handler(self, engine: Engine | None = None) -> RequestHandler:
+        return RequestHandler(engine or self.engine, self.settings.model.max_new_tokens,
                               ImageGatherer(self.cameras, self.settings.images),
                               on_generated=lambda done: self.stats.requests.decoded(done.tokens_per_s),
                               stream_interval_s=self.settings.stream.interval_ms / 1000)
 
     def _max_batch(self) -> int:
-        """Requests generating at once: the setting, else 8 on CPU and 16 on an accelerator."""
+        """Requests generating at once: the setting, else 8 on CPU and 16 on an accelerator
+        (a remote server: openai.max_in_flight)."""
         configured = self.settings.inference.max_batch
+        if self.settings.model.backend == "openai":
+            return configured or self.settings.openai.max_in_flight
         return configured or (8 if self.engine.provider in ("cpu", "") else 16)
 
     def _batching_status(self) -> dict[str, object]:
         return {"batching": self.engine.batching, "batching_reason": self.engine.batching_reason,
-                "max_batch": self._max_batch()}
+                "max_batch": self._max_batch(), "backend": self.settings.model.backend}
 
     @staticmethod
-    def _warm_up(engine: EngineProcess, settings: Settings) -> None:
+    def _warm_up(engine: Any, settings: Settings) -> None:
         if settings.model.warmup:
             warm = engine.warm_up()
             log.info("model.warmed_up", model=engine.name, ms=round(warm.generate_ms, 1))
@@ -291,13 +327,20 @@ class Agent:
     def cameras_info(self) -> dict[str, dict[str, Any]]:
         return self.cameras.info()
 
+    def live_status(self) -> dict[str, Any]:
+        """The status fields that change while the agent runs."""
+        return {"cameras": self.cameras.info(), "watch": self.watcher.info(),
+                "remote": self.engine.info() if isinstance(self.engine, OpenAIServer) else None,
+                "overflow": self.overflow.info() if self.overflow is not None else None}
+
     def work_info(self) -> dict[str, Any]:
         scheduler = self.scheduler
         return {"queue_depth": scheduler.depth if scheduler else 0,
                 "busy_rejected": scheduler.rejected if scheduler else 0,
                 "in_flight": scheduler.running if scheduler else 0,
                 "delivery": self.delivery.stats(), "inference_restarts": self.engine.crashes,
-                "watch": self.watcher.info()}
+                "watch": self.watcher.info(),
+                "overflow": self.overflow.info() if self.overflow is not None else None}
 
 
 def request_limits(settings: Settings) -> RequestLimits:
@@ -310,7 +353,9 @@ def request_limits(settings: Settings) -> RequestLimits:
                          settings.prompts.allow_free_prompts, templates)
 
 
-def make_engine(settings: Settings) -> EngineProcess:
+def make_engine(settings: Settings) -> EngineProcess | OpenAIServer:
+    if settings.model.backend == "openai":
+        return OpenAIServer(settings.openai, role="backend")
     model = settings.model
     inference = settings.inference
     engine = EngineProcess(resolve_model_path(settings), model.provider, model.fallback, model.provider_options,

@@ -23,6 +23,8 @@ HEALTH_CHECK_S = 1.0
 
 
 def check_model_folder(settings: Settings) -> None:
+    if settings.model.backend == "openai":
+        return  # no local model
     folder = resolve_model_path(settings)  # a catalog name becomes its pulled folder
     if not (folder / "genai_config.json").is_file():
         raise ConfigError([f"model.path: {folder} is not a model folder "

@@ -97,7 +97,7 @@ class RequestHandler:
                  ms=round((finished - job.received_at) * 1000, 1))
         return answer_payload(
             request.id, text=result.text, finish_reason=result.finish_reason,
-            model=self._engine.name, provider=self._engine.provider,
+            model=result.model or self._engine.name, provider=self._engine.provider,
             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
             queue_ms=(started - job.received_at) * 1000, ttft_ms=result.ttft_ms,
             total_ms=(finished - job.received_at) * 1000, tokens_per_s=result.tokens_per_s,

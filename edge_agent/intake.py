@@ -18,6 +18,7 @@ from edge_agent.log import get_logger
 from edge_agent.mqtt import Incoming
 from edge_agent import protocol
 from edge_agent.protocol import Request, RequestError, RequestLimits, Topics, choose_reply_topic, encode, error_payload
+from edge_agent.overflow import Overflow
 from edge_agent.scheduler import Scheduler
 from edge_agent.settings import Settings
 from edge_agent.stats import Stats
@@ -32,7 +33,8 @@ class Host(Protocol):
     settings: Settings
     limits: RequestLimits
     topics: Topics
-    scheduler: Scheduler | None
+    scheduler: Scheduler | None  # None while the local model loads
+    overflow: Overflow | None
 
     def stopping(self) -> bool: ...
 
@@ -76,7 +78,7 @@ class Intake:
             except AgentError as exc:
                 self.reply_error(default, request, exc, incoming)
                 return
-            if host.stopping() or host.scheduler is None:
+            if host.stopping():
                 self.reply_error(topic, request, Unavailable("the agent is stopping"), incoming)
                 return
             if self._delivery.admit(request.id, request.id_given, incoming,
@@ -84,8 +86,16 @@ class Intake:
                 return
             job = Job(request, topic, incoming.correlation_data, received,
                       deadline(received, request.timeout_s, incoming.expiry_s), incoming)
+            if host.scheduler is None:  # only with overflow.when "unloaded": nothing is held meanwhile
+                if not self._overflow(job, "unloaded"):
+                    self.reply_error(topic, request, Unavailable(
+                        "the model is loading and this request may not go to the overflow server"),
+                        incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
+                return
             if self._enqueue(job):
                 log.info("request.accepted", queue_depth=host.scheduler.depth, reply_topic=topic)
+                return
+            if self._overflow(job, "busy"):
                 return
             self.reply_error(topic, request, AgentError(
                 f"queue full ({host.settings.limits.queue_size} waiting)", ErrorCode.BUSY),
@@ -122,6 +132,16 @@ class Intake:
         job = Job(request, "", None, received, deadline(received, timeout_s, None),
                   background=background, on_done=on_done)
         return self._enqueue(job)
+
+    def _overflow(self, job: Job, reason: str) -> bool:
+        overflow = self._host.overflow
+        if overflow is None:
+            return False
+        self._in_flight.add(job)
+        if overflow.submit(job, reason):
+            return True
+        self._in_flight.forget(job)
+        return False
 
     def _enqueue(self, job: Job) -> bool:
         scheduler = self._host.scheduler

@@ -22,8 +22,8 @@ log = get_logger("reload")
 
 # What a change needs, from lightest to heaviest. "live": swapped in, nothing restarts.
 LIVE, LOGGING, CAMERAS, MQTT, MODEL = "live", "logging", "cameras", "mqtt", "model"
-WATCH, HOME_ASSISTANT = "watch", "homeassistant"
-MODEL_KEYS = ("path", "provider", "provider_options", "fallback")
+WATCH, HOME_ASSISTANT, OVERFLOW = "watch", "homeassistant", "overflow"
+MODEL_KEYS = ("backend", "path", "provider", "provider_options", "fallback")
 LIVE_MQTT_KEYS = ("reply_topic_allow",)
 
 
@@ -38,8 +38,11 @@ def changed_parts(old: Settings, new: Settings) -> set[str]:
         parts.update((HOME_ASSISTANT, MQTT))
     if old_mqtt != new_mqtt or old.device_id != new.device_id:
         parts.add(MQTT)
-    if any(getattr(old.model, k) != getattr(new.model, k) for k in MODEL_KEYS) or old.inference != new.inference:
+    if any(getattr(old.model, k) != getattr(new.model, k) for k in MODEL_KEYS) or old.inference != new.inference \
+            or (new.model.backend == "openai" and old.openai != new.openai):
         parts.add(MODEL)
+    if old.overflow != new.overflow:
+        parts.add(OVERFLOW)
     if old.cameras != new.cameras:
         parts.add(CAMERAS)
     if old.watch != new.watch:

@@ -26,6 +26,8 @@ class Source(Protocol):
 
     def work_info(self) -> dict[str, Any]: ...
 
+    def live_status(self) -> dict[str, Any]: ...
+
 
 class Reports:
     def __init__(self, source: Source, status: StatusBoard, stats: Stats,
@@ -50,7 +52,7 @@ class Reports:
         now = self._clock()
         if force or states != self._camera_states or now - self._status_at >= STATUS_REFRESH_S:
             self._camera_states = states
-            self.set_status(self.status.state, cameras=cameras, watch=self._source.work_info()["watch"])
+            self.set_status(self.status.state, **{**self._source.live_status(), "cameras": cameras})
 
     def publish_status(self) -> None:
         self._status_at = self._clock()
@@ -76,7 +78,8 @@ class Reports:
                                       cameras=self._source.cameras_info(),
                                       queue_depth=work["queue_depth"], busy_rejected=work["busy_rejected"])
             doc.update(in_flight=work["in_flight"], delivery=work["delivery"],
-                       inference_restarts=work["inference_restarts"], watch=work["watch"])
+                       inference_restarts=work["inference_restarts"], watch=work["watch"],
+                       **({"overflow": work["overflow"]} if work["overflow"] else {}))
         except Exception:  # noqa: BLE001 - stats must never take the daemon down
             log.exception("stats.failed")
             return

@@ -25,6 +25,7 @@ else:  # JetPack 6 ships Python 3.10
 from edge_agent.catalog import is_catalog_name
 from edge_agent.errors import ConfigError
 from edge_agent.prompts import template_fields
+from edge_agent.settings_remote import OverflowSettings, RemoteServerSettings
 from edge_agent.settings_watch import HomeAssistantSettings, MotionSettings, WatchRuleSettings, watch_problems
 
 ENV_PREFIX = "EDGE_AGENT_"
@@ -36,7 +37,8 @@ TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROVIDERS = ("auto", "cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
 # Keys holding paths; relative values are taken relative to the config file's folder.
 PATH_KEYS = (("model", "path"), ("state_dir",), ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"),
-             ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"))
+             ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"), ("openai", "api_key_file"),
+             ("openai", "ca_file"), ("overflow", "api_key_file"), ("overflow", "ca_file"))
 
 
 class _Strict(BaseModel):
@@ -105,6 +107,9 @@ class MqttSettings(_Strict):
 
 
 class ModelSettings(_Strict):
+    backend: Literal["onnxruntime-genai", "openai"] = Field(
+        "onnxruntime-genai", description="onnxruntime-genai: the local model below; openai: the "
+        "OpenAI-compatible server of [openai] (the local model settings are then unused)")
     path: Path = Field(Path("/var/lib/edge-agent/models/default"),
                        description="folder holding genai_config.json, or a catalog model name "
                        "(`edge-agent models list`) pulled under state_dir/models")
@@ -237,6 +242,10 @@ class Settings(BaseSettings):
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    openai: RemoteServerSettings = Field(default_factory=RemoteServerSettings,
+                                         description="the server when model.backend = \"openai\"")
+    overflow: OverflowSettings = Field(default_factory=OverflowSettings, description="a server that takes "
+                                       "what the local model cannot; off while base_url is empty")
     watch: dict[str, WatchRuleSettings] = Field(default_factory=dict, description="[watch.<name>] rules")
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     shutdown_grace_s: float = Field(10.0, ge=0, le=600, description="time to finish the running requests")
@@ -272,6 +281,10 @@ class Settings(BaseSettings):
                     for name, t in self.prompts.templates.items()
                     if t.max_tokens is not None and t.max_tokens > self.model.max_new_tokens]
         problems += watch_problems(self)
+        if self.model.backend == "openai" and not (self.openai.base_url and self.openai.model):
+            problems.append("openai: model.backend = \"openai\" needs openai.base_url and openai.model")
+        if self.overflow.base_url and not self.overflow.model:
+            problems.append("overflow.model: the overflow server needs a model name")
         if problems:
             raise ValueError(CROSS_TABLE_MARK + "\n".join(problems))
         return self

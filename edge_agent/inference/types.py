@@ -65,7 +65,8 @@ class Generation:
     completion_tokens: int
     ttft_ms: float | None
     generate_ms: float
-    path: str = "single"  # "single" (its own generator) or "batch" (shared with others)
+    path: str = "single"  # "single" (its own generator), "batch" (shared with others), "remote"
+    model: str | None = None  # the model as a remote server names it (None: the local model)
 
     @property
     def tokens_per_s(self) -> float:
