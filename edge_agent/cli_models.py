@@ -156,6 +156,36 @@ def providers_report(folder: Path | None, settings: Any) -> dict[str, Any]:
     return report
 
 
+def servers_report(settings: Any) -> list[dict[str, Any]]:
+    """The OpenAI-compatible servers the settings name, and whether each answers GET /models."""
+    from edge_agent.errors import AgentError
+    from edge_agent.openai_backend import OpenAIServer
+
+    rows = []
+    for role, remote in (("backend", settings.openai if settings.model.backend == "openai" else None),
+                         ("overflow", settings.overflow if settings.overflow.base_url else None)):
+        if remote is None:
+            continue
+        try:
+            server = OpenAIServer(remote, role)
+        except AgentError as exc:  # the API key file cannot be read
+            rows.append({"role": role, "url": remote.base_url, "model": remote.model, "reachable": False,
+                         "error": exc.message})
+            continue
+        try:
+            rows.append({"role": role, "url": server.url, "model": server.name, **server.probe()})
+        finally:
+            server.close()
+    return rows
+
+
+def print_servers(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        state = f"answers (models: {', '.join(map(str, row.get('models') or [])) or 'none listed'})" \
+            if row["reachable"] else f"does not answer: {row.get('error')}"
+        print(f"{row['role'].capitalize()}: OpenAI-compatible server {row['url']}, model {row['model']!r}: {state}")
+
+
 def batching_report(folder: Path, provider: str, settings: Any) -> dict[str, Any]:
     """How requests would share the model on that provider (one more load, with og.Engine)."""
     from edge_agent.errors import ModelLoadError
@@ -210,9 +240,11 @@ def cmd_providers(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _quiet_logs(settings)
     report = providers_report(Path(args.model) if args.model else None, settings)
+    report["servers"] = servers_report(settings)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
+        print_servers(report["servers"])
         print_providers(report)
     return EXIT_OK
 
