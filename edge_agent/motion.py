@@ -32,7 +32,7 @@ CALIBRATING_ALPHA = 0.2  # blend fast while the background is unknown
 LIGHTING_SHARE = 0.8  # changed regions covering more of the picture than this: light, recalibrate
 CALIBRATED_SHARE = 0.05  # calibration ends once less than this changed...
 CALIBRATED_REGIONS = 4  # ...in at most this many moving regions
-PERSIST_LOOKS = 10  # a change seen this many looks in a row is blended in (a parked car stays)
+PERSIST_LOOKS = 10  # a change seen this many looks in a row starts blending in (a parked car)
 CONTRAST_HISTORY = 50  # frames whose percentile bounds are averaged for the stretch
 LOW_PCT, HIGH_PCT = 0.04, 0.96  # bounds of the stretch: ignores a few very dark or bright pixels
 BLUR = (3, 3)
@@ -48,7 +48,7 @@ class MotionDetector:
         self._size: tuple[int, int] | None = None  # (width, height) looked at
         self._shape: tuple[int, ...] = ()  # of the frames that size was made for
         self._average: np.ndarray | None = None  # float32 background
-        self._bounds: deque[tuple[int, int]] = deque(maxlen=CONTRAST_HISTORY)
+        self._stretch = ContrastStretch()
         self._streak = 0  # looks in a row with motion
 
     def detect(self, image_bgr: np.ndarray) -> bool:
@@ -69,8 +69,8 @@ class MotionDetector:
         return bool(regions) and not self.calibrating
 
     def _prepared(self, image_bgr: np.ndarray) -> np.ndarray:
-        """Small, gray, stretched and blurred. Resizing the BGR frame first makes the colour
-        conversion ~20x cheaper than converting the full frame."""
+        """Small, gray, stretched and blurred. The BGR frame is shrunk first: converting the small
+        copy to gray is ~20x cheaper than converting the whole frame (bench/MOTION.md)."""
         if image_bgr.shape != self._shape:
             high, wide = image_bgr.shape[:2]
             height = min(self.settings.frame_height, high)
@@ -78,23 +78,7 @@ class MotionDetector:
         assert self._size is not None
         small = cv2.resize(image_bgr, self._size, interpolation=cv2.INTER_NEAREST)
         gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
-        return cv2.GaussianBlur(self._stretched(gray), BLUR, 1.0)
-
-    def _stretched(self, gray: np.ndarray) -> np.ndarray:
-        cumulative = np.cumsum(cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel())
-        total = cumulative[-1]
-        low = int(np.searchsorted(cumulative, LOW_PCT * total))
-        high = int(np.searchsorted(cumulative, HIGH_PCT * total))
-        if low >= high:
-            return gray  # one flat colour: nothing to stretch
-        if self.calibrating:
-            self._bounds.clear()  # new light: stretch for it at once, or the stretch drifts for 50 frames
-        self._bounds.append((low, high))
-        low_avg, high_avg = np.mean(self._bounds, axis=0)
-        if high_avg - low_avg < 1:
-            return gray
-        table = np.clip((np.arange(256) - low_avg) * (255.0 / (high_avg - low_avg)), 0, 255)
-        return cv2.LUT(gray, table.astype(np.uint8))
+        return cv2.GaussianBlur(self._stretch(gray, restart=self.calibrating), BLUR, 1.0)
 
     def _regions(self, gray: np.ndarray) -> tuple[int, float]:
         """(regions over contour_area, share of the picture inside changed regions)."""
@@ -104,6 +88,39 @@ class MotionDetector:
         contours, _ = cv2.findContours(cv2.dilate(mask, None), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         areas = [cv2.contourArea(c) for c in contours]
         return sum(a > self.settings.contour_area for a in areas), sum(areas) / gray.size
+
+
+class ContrastStretch:
+    """Maps the LOW_PCT..HIGH_PCT percentiles of gray levels, averaged over recent frames, to 0-255.
+    Few numpy calls, and the table rebuilt only when the bounds move: on the capture thread, between
+    decodes, each call costs many times what it does in a warm loop."""
+
+    def __init__(self) -> None:
+        self._bounds: deque[tuple[int, int]] = deque(maxlen=CONTRAST_HISTORY)
+        self._low_sum = self._high_sum = 0
+        self._key: tuple[int, int] | None = None  # averaged bounds, in half levels
+        self._table: np.ndarray | None = None
+
+    def __call__(self, gray: np.ndarray, restart: bool) -> np.ndarray:
+        """`restart`: new light; stretch for it at once, or the stretch drifts for 50 frames."""
+        cumulative = cv2.calcHist([gray], [0], None, [256], [0, 256]).cumsum()
+        low, high = (int(i) for i in cumulative.searchsorted((LOW_PCT * gray.size, HIGH_PCT * gray.size)))
+        if low >= high:
+            return gray  # one flat colour: nothing to stretch
+        if restart:
+            self._bounds.clear()
+            self._low_sum = self._high_sum = 0
+        if len(self._bounds) == self._bounds.maxlen:
+            old_low, old_high = self._bounds[0]
+            self._low_sum, self._high_sum = self._low_sum - old_low, self._high_sum - old_high
+        self._bounds.append((low, high))
+        self._low_sum, self._high_sum = self._low_sum + low, self._high_sum + high
+        key = (round(2 * self._low_sum / len(self._bounds)), round(2 * self._high_sum / len(self._bounds)))
+        if key != self._key:
+            self._key, low_avg, high_avg = key, key[0] / 2, key[1] / 2
+            self._table = None if high_avg - low_avg < 1 else np.clip(
+                (np.arange(256) - low_avg) * (255.0 / (high_avg - low_avg)), 0, 255).astype(np.uint8)
+        return gray if self._table is None else cv2.LUT(gray, self._table)
 
 
 class MotionTracker:
