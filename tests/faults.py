@@ -228,6 +228,16 @@ def prepare(self, work):
 
 _engine.OrtGenaiEngine.prepare = prepare
 
+_slow_load_s = float(os.environ.get("FAULT_SLOW_LOAD_S", "0"))
+if _slow_load_s:  # a big model on a slow disk: the inference child takes this long to load
+    _load = _engine.OrtGenaiEngine.load
+
+    def load(self):
+        time.sleep(_slow_load_s)
+        return _load(self)
+
+    _engine.OrtGenaiEngine.load = load
+
 import sqlite3
 import edge_agent.store as _store
 
@@ -273,12 +283,12 @@ if _connack_delay:  # paho's private handler: touched only by the test that asks
 """
 
 
-def fault_hooks_env(folder: Path, late_connack_s: float = 0.0) -> dict[str, str]:
+def fault_hooks_env(folder: Path, late_connack_s: float = 0.0, slow_load_s: float = 0.0) -> dict[str, str]:
     """Environment for an agent process that loads FAULT_HOOKS (written into `folder`):
     prompts with BOOM raise in `generate`, with CRASH end the process that runs it (the
     inference child), with SLOW take a second more; ids starting with `diskfull` fail to be
     stored, with `unreadable` fail the de-duplication look-up; payloads with PARSEBUG make the
-    request parser raise; `late_connack_s`
+    request parser raise; `slow_load_s` makes loading the model take that much longer; `late_connack_s`
     delays paho's handling of every CONNACK (outside any callback, so the agent's other
     threads go on meanwhile)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -287,7 +297,7 @@ def fault_hooks_env(folder: Path, late_connack_s: float = 0.0) -> dict[str, str]
     # directory on sys.path, and must patch the code under test, not an installed copy.
     paths = [str(folder), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
     return {"PYTHONPATH": os.pathsep.join(paths),
-            "FAULT_LATE_CONNACK_S": str(late_connack_s)}
+            "FAULT_LATE_CONNACK_S": str(late_connack_s), "FAULT_SLOW_LOAD_S": str(slow_load_s)}
 
 
 def runs_per_id(log_lines: list[dict[str, Any]]) -> Counter[str]:

@@ -379,3 +379,12 @@ def first(client: Client, topic: str, timeout: float = 60) -> tuple[float, bytes
         if got == topic:
             return time.monotonic(), payload
     raise TimeoutError(f"nothing on {topic}")
+
+
+def ask(client: Client, agent: AgentProcess, request: dict[str, Any], timeout: float = ANSWER_TIMEOUT_S,
+        topic: str | None = None) -> dict[str, Any]:
+    """A pipeline's request: publish it (an id is added when it has none) and wait for the
+    answer with that id on the topics `client` subscribed to (other messages are dropped)."""
+    rid = request.setdefault("id", uuid.uuid4().hex)
+    client.publish(topic or agent.request_topic, json.dumps(request))
+    return client.wait_for(lambda d: d.get("id") == rid, timeout)

@@ -49,7 +49,7 @@ def pipeline(module_broker: Broker, agent: AgentProcess) -> Iterator[Client]:
     c.close()
 
 
-def ask(pipeline: Client, agent: AgentProcess, request: dict[str, Any] | bytes | str) -> dict[str, Any]:
+def send_raw(pipeline: Client, agent: AgentProcess, request: dict[str, Any] | bytes | str) -> dict[str, Any]:
     payload = request if isinstance(request, (bytes, str)) else json.dumps(request)
     pipeline.publish(agent.request_topic, payload)
     _, doc, _ = pipeline.next()
@@ -59,12 +59,12 @@ def ask(pipeline: Client, agent: AgentProcess, request: dict[str, Any] | bytes |
 def assert_answered(pipeline: Client, agent: AgentProcess) -> None:
     """The daemon still answers a good request."""
     rid = uuid.uuid4().hex
-    doc = ask(pipeline, agent, {"id": rid, "prompt": "Are you still there?", "max_tokens": 4})
+    doc = send_raw(pipeline, agent, {"id": rid, "prompt": "Are you still there?", "max_tokens": 4})
     assert doc["id"] == rid and doc["ok"] is True
 
 
 def test_prompt_is_answered_with_every_documented_field(pipeline: Client, agent: AgentProcess) -> None:
-    doc = ask(pipeline, agent, {"id": "q1", "prompt": "Summarise: the sky is blue.", "max_tokens": 8})
+    doc = send_raw(pipeline, agent, {"id": "q1", "prompt": "Summarise: the sky is blue.", "max_tokens": 8})
     assert set(doc) == ANSWER_KEYS
     assert doc["id"] == "q1" and doc["ok"] is True
     assert isinstance(doc["text"], str) and doc["text"]
@@ -81,7 +81,7 @@ def agent_model_path(agent: AgentProcess) -> str:
 
 
 def test_missing_id_is_generated_and_echoed(pipeline: Client, agent: AgentProcess) -> None:
-    doc = ask(pipeline, agent, {"prompt": "hello", "max_tokens": 2})
+    doc = send_raw(pipeline, agent, {"prompt": "hello", "max_tokens": 2})
     assert doc["ok"] is True and len(doc["id"]) == 32
 
 
@@ -90,21 +90,21 @@ def test_messages_with_system_and_sampling(pipeline: Client, agent: AgentProcess
                "top_p": 0.9, "top_k": 20, "seed": 42,
                "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                             {"role": "user", "content": "How are you?"}]}
-    first, second = ask(pipeline, agent, request), ask(pipeline, agent, request)
+    first, second = send_raw(pipeline, agent, request), send_raw(pipeline, agent, request)
     assert first["ok"] and second["ok"]
     assert first["text"] == second["text"]  # same seed, same sample
-    other = ask(pipeline, agent, {**request, "seed": 7})
+    other = send_raw(pipeline, agent, {**request, "seed": 7})
     assert other["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"]
 
 
 def test_greedy_is_deterministic_and_max_tokens_is_honoured(pipeline: Client, agent: AgentProcess) -> None:
-    a = ask(pipeline, agent, {"prompt": "Count", "max_tokens": 12})
-    b = ask(pipeline, agent, {"prompt": "Count", "max_tokens": 12})
+    a = send_raw(pipeline, agent, {"prompt": "Count", "max_tokens": 12})
+    b = send_raw(pipeline, agent, {"prompt": "Count", "max_tokens": 12})
     assert a["text"] == b["text"] and a["usage"]["completion_tokens"] == 12
 
 
 def test_default_max_tokens_is_the_configured_cap(pipeline: Client, agent: AgentProcess) -> None:
-    doc = ask(pipeline, agent, {"prompt": "Go on"})
+    doc = send_raw(pipeline, agent, {"prompt": "Go on"})
     assert doc["usage"]["completion_tokens"] == 64  # model.max_new_tokens in AgentProcess
 
 
@@ -151,7 +151,7 @@ def test_response_topic_wins_over_reply_to(module_broker: Broker, agent: AgentPr
 ])
 def test_bad_reply_topic_is_refused_on_the_default_topic(pipeline: Client, agent: AgentProcess,
                                                          reply_to: str, reason: str) -> None:
-    doc = ask(pipeline, agent, {"id": "rt", "prompt": "hi", "reply_to": reply_to})
+    doc = send_raw(pipeline, agent, {"id": "rt", "prompt": "hi", "reply_to": reply_to})
     assert doc == {"id": "rt", "ok": False, "error": doc["error"]}
     assert doc["error"]["code"] == "bad_request" and reason in doc["error"]["message"]
     assert_answered(pipeline, agent)
@@ -226,7 +226,7 @@ BAD_INPUTS = [
                          ids=[f"bad{i}" for i in range(len(BAD_INPUTS))])
 def test_bad_input_gets_an_error_and_the_next_request_is_answered(
         pipeline: Client, agent: AgentProcess, payload: Any, code: str, words: str, echoed: str | None) -> None:
-    doc = ask(pipeline, agent, payload)
+    doc = send_raw(pipeline, agent, payload)
     if code == "ok":  # a look-alike that must pass (brackets inside a string are not nesting)
         assert doc["ok"] is True and doc["id"] == echoed
         return
@@ -239,20 +239,20 @@ def test_bad_input_gets_an_error_and_the_next_request_is_answered(
 
 def test_prompt_longer_than_the_context_is_too_large(pipeline: Client, agent: AgentProcess) -> None:
     # The tiny tokenizer has no merge for "~ ": one token per character, 998 > 512.
-    doc = ask(pipeline, agent, {"id": "ctx", "prompt": "~ " * 499})
+    doc = send_raw(pipeline, agent, {"id": "ctx", "prompt": "~ " * 499})
     assert doc["error"]["code"] == "too_large" and "context is 512" in doc["error"]["message"]
     assert_answered(pipeline, agent)
 
 
 def test_generation_is_cut_at_the_context_end(pipeline: Client, agent: AgentProcess) -> None:
-    doc = ask(pipeline, agent, {"id": "edge", "prompt": "~ " * 235, "max_tokens": 64})
+    doc = send_raw(pipeline, agent, {"id": "edge", "prompt": "~ " * 235, "max_tokens": 64})
     assert doc["ok"] and doc["finish_reason"] == "length"
     assert doc["usage"]["prompt_tokens"] > 470
     assert doc["usage"]["prompt_tokens"] + doc["usage"]["completion_tokens"] == 512
 
 
 def test_timeout_during_generation(pipeline: Client, agent: AgentProcess) -> None:
-    doc = ask(pipeline, agent, {"id": "slow", "prompt": "x", "max_tokens": 64, "timeout_s": 0.000001})
+    doc = send_raw(pipeline, agent, {"id": "slow", "prompt": "x", "max_tokens": 64, "timeout_s": 0.000001})
     assert doc == {"id": "slow", "ok": False, "error": doc["error"]}
     assert doc["error"]["code"] == "timeout"
     assert_answered(pipeline, agent)
@@ -271,6 +271,6 @@ def test_status_is_retained_and_ready(module_broker: Broker, agent: AgentProcess
 
 
 def test_request_id_is_bound_to_every_log_line(pipeline: Client, agent: AgentProcess) -> None:
-    ask(pipeline, agent, {"id": "logged-1", "prompt": "hi", "max_tokens": 2})
+    send_raw(pipeline, agent, {"id": "logged-1", "prompt": "hi", "max_tokens": 2})
     events = [line["event"] for line in agent.log_lines() if line.get("request_id") == "logged-1"]
     assert events[:2] == ["request.accepted", "request.done"]

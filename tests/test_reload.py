@@ -3,24 +3,16 @@ keeps the running settings and says why in the status."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from support import AgentProcess, Broker, Client, build_model
+from support import AgentProcess, Broker, Client, ask, build_model
 
 EFFECT_TIMEOUT_S = 20
-
-
-def ask(client: Client, agent: AgentProcess, request: dict[str, Any]) -> dict[str, Any]:
-    rid = request.setdefault("id", uuid.uuid4().hex)
-    client.publish(agent.request_topic, json.dumps(request))
-    return client.wait_for(lambda d: d.get("id") == rid)
 
 
 def until(check: Callable[[], bool], what: str) -> float:

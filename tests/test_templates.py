@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from support import AgentProcess, Broker, Client, to_toml
+from support import AgentProcess, Broker, Client, ask, to_toml
 
 TEMPLATES = {
     "door": {"text": "Is the {door} door open?", "system": "Answer yes or no.", "max_tokens": 4},
@@ -37,12 +37,6 @@ def client(broker: Broker, locked: AgentProcess) -> Iterator[Client]:
     c.subscribe(locked.response_topic)
     yield c
     c.close()
-
-
-def ask(client: Client, agent: AgentProcess, request: dict[str, Any]) -> dict[str, Any]:
-    rid = request.setdefault("id", uuid.uuid4().hex)
-    client.publish(agent.request_topic, json.dumps(request))
-    return client.wait_for(lambda d: d.get("id") == rid)
 
 
 def test_templates_are_answered(client: Client, locked: AgentProcess) -> None:

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from support import AgentProcess, Broker, Client, build_model
+from support import AgentProcess, Broker, Client, ask, build_model
 from video import UdpStream, make_clip
 
 
@@ -51,12 +51,6 @@ def pipeline(broker: Broker, vision_agent: AgentProcess) -> Iterator[Client]:
     c.subscribe(vision_agent.response_topic)
     yield c
     c.close()
-
-
-def ask(pipeline: Client, agent: AgentProcess, request: dict[str, Any]) -> dict[str, Any]:
-    rid = request.setdefault("id", uuid.uuid4().hex)
-    pipeline.publish(agent.request_topic, json.dumps(request))
-    return pipeline.wait_for(lambda d: d.get("id") == rid)
 
 
 def still_answers(pipeline: Client, agent: AgentProcess) -> None:
