@@ -5,11 +5,11 @@ source delivers it, so no buffer in FFmpeg or the V4L2 driver fills up, and keep
 (with its capture time and sequence number). A grab demuxes and decodes (FFmpeg) or dequeues
 (V4L2); a frame is converted to BGR ("retrieved") only when a request waits for one, so an idle
 camera costs what decoding its stream costs. With motion enabled, a frame is also retrieved when a
-look is due (at most `motion.fps` a second) and handed to motion.py; it serves requests too, being
-the newest. `on_demand` mode: the same thread runs only while a
-request needs frames: it opens the source, lets the frames buffered while opening go by (and a few
-more for a USB camera's auto-exposure), hands over a frame and closes. It costs nothing between
-requests, but each request pays the open: ≈1.7 s on an FFmpeg network stream while it probes.
+look is due (at most `motion.fps` a second) and handed to motion.py; being the newest, it serves
+requests too. `on_demand` mode: the same thread runs only while a request needs frames: it opens
+the source, lets the frames buffered while opening go by (and a few more for a USB camera's
+auto-exposure), hands over a frame and closes. It costs nothing between requests, but each
+request pays the open: ≈1.7 s on an FFmpeg network stream while it probes.
 bench/CAMERA.md has the measured figures: on a 640x480 15 fps MPEG-2 stream the continuous mode
 costs what a bare `cap.grab()` loop costs (a little less than a `cap.read()` loop). A frame's age
 counts from its grab: what the sender and FFmpeg held back before that (2-4 frames) is not in it.
@@ -200,7 +200,7 @@ class Camera:
     # --- motion ------------------------------------------------------------------------------
     @property
     def motion_state(self) -> str | None:
-        """"ON" or "OFF"; None when this camera does not detect motion."""
+        """"ON" or "OFF" (also while not streaming); None when this camera does not detect motion."""
         return None if self._motion is None else self._motion.state
 
     def set_motion_listener(self, listener: MotionListener | None) -> None:
@@ -394,5 +394,6 @@ class Camera:
         if s.rotate:
             image = cv2.rotate(image, ROTATIONS[s.rotate])
         return Frame(self.name, image, wall, mono, seq, image.shape[1], image.shape[0])
+
 
 # --- the configured cameras ------------------------------------------------------------------
