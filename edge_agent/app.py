@@ -340,6 +340,7 @@ class Agent:
                 "in_flight": scheduler.running if scheduler else 0,
                 "delivery": self.delivery.stats(), "inference_restarts": self.engine.crashes,
                 "watch": self.watcher.info(),
+                "remote": self.engine.info() if isinstance(self.engine, OpenAIServer) else None,
                 "overflow": self.overflow.info() if self.overflow is not None else None}
 
 

@@ -170,6 +170,7 @@ class Client:
             self.client.username_pw_set(*user)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
+        self.port = port
 
     def subscribe(self, topic: str) -> None:
         _, mid = self.client.subscribe(topic, qos=1)
@@ -388,3 +389,23 @@ def ask(client: Client, agent: AgentProcess, request: dict[str, Any], timeout: f
     rid = request.setdefault("id", uuid.uuid4().hex)
     client.publish(topic or agent.request_topic, json.dumps(request))
     return client.wait_for(lambda d: d.get("id") == rid, timeout)
+
+
+def next_stats(port: int, agent: AgentProcess, timeout: float = 10) -> dict[str, Any]:
+    """The agent's next stats document (give the agent a short `stats_interval_s`)."""
+    reader = Client(port)
+    try:
+        reader.subscribe(f"{agent.prefix}/{agent.device_id}/stats")
+        return reader.wait_for(lambda d: "uptime_s" in d, timeout)
+    finally:
+        reader.close()
+
+
+def retained_status(port: int, agent: AgentProcess) -> dict[str, Any]:
+    """The agent's retained status document, as a newcomer reads it."""
+    reader = Client(port)
+    try:
+        reader.subscribe(agent.status_topic)
+        return reader.wait_for(lambda d: d.get("device_id") == agent.device_id, 10)
+    finally:
+        reader.close()

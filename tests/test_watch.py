@@ -13,7 +13,8 @@ from typing import Any, Callable
 import pytest
 
 from faults import fault_hooks_env
-from support import DOOR_SCHEMA, REPO, AgentProcess, Broker, Client, build_model, collect, file_camera as camera, first
+from support import (DOOR_SCHEMA, REPO, AgentProcess, Broker, Client, build_model, collect, file_camera as camera,
+                     first, next_stats, retained_status)
 from video import make_motion_clip, make_still_clip
 
 
@@ -47,26 +48,6 @@ def start(start_agent: Callable[..., AgentProcess], broker: Broker, client: Clie
     return run
 
 
-def stats(broker: Broker, agent: AgentProcess) -> dict[str, Any]:
-    """The agent's next stats document (the tests' agents send one every second)."""
-    reader = Client(broker.port)
-    try:
-        reader.subscribe(f"{agent.prefix}/{agent.device_id}/stats")
-        return json.loads(first(reader, f"{agent.prefix}/{agent.device_id}/stats", 10)[1])
-    finally:
-        reader.close()
-
-
-def status(broker: Broker, agent: AgentProcess) -> dict[str, Any]:
-    """The agent's retained status."""
-    reader = Client(broker.port)
-    try:
-        reader.subscribe(agent.status_topic)
-        return json.loads(first(reader, agent.status_topic, 10)[1])
-    finally:
-        reader.close()
-
-
 def watch_topic(agent: AgentProcess, rule: str) -> str:
     return f"{agent.prefix}/{agent.device_id}/watch/{rule}"
 
@@ -83,7 +64,7 @@ def test_a_still_scene_publishes_once_and_always_publishes_every_run(
     door = [json.loads(p) for _, t, p in messages if t == watch_topic(agent, "door")]
     scene = [json.loads(p) for _, t, p in messages if t == watch_topic(agent, "scene")]
     events = [json.loads(p) for _, t, p in messages if t.endswith("/events")]
-    counts = stats(broker, agent)["watch"]
+    counts = next_stats(broker.port, agent)["watch"]
     # change: the first run publishes, greedy runs on identical frames never change
     assert len(door) == 1, door
     assert counts["door"]["runs"] >= 4 and counts["door"]["published"] == 1, counts
@@ -122,8 +103,8 @@ def test_motion_turns_on_and_triggers_the_rule_a_still_camera_never_does(
     # the still camera: its motion state is OFF (retained) and its rule never ran
     assert all(p == b"OFF" for _, t, p in messages if t == f"{base}/camera/yard/motion")
     assert not [t for _, t, _ in messages if t == watch_topic(agent, "quiet")]
-    info = stats(broker, agent)
-    assert status(broker, agent)["cameras"]["yard"]["motion"] == "OFF"
+    info = next_stats(broker.port, agent)
+    assert retained_status(broker.port, agent)["cameras"]["yard"]["motion"] == "OFF"
     assert info["watch"]["quiet"]["runs"] == 0 and info["watch"]["arrival"]["skipped_cooldown"] >= 1
 
 
@@ -162,7 +143,7 @@ def test_rule_runs_never_make_requests_busy_and_requests_go_first(
     assert waiting, "no rule run was queued while the slot was taken"
     last_request = max(done.index(rid) for rid in ids)
     assert done.index(waiting[0]) > last_request, done  # it waited behind all ten
-    counts = stats(broker, agent)["watch"]["often"]
+    counts = next_stats(broker.port, agent)["watch"]["often"]
     assert counts["skipped_running"] >= 1, counts  # due again while it waited: skipped, counted
 
 
@@ -211,10 +192,10 @@ def test_an_invalid_rule_on_reload_is_refused_and_the_running_rules_go_on(
                          "bad": {"camera": "garage", "prompt": "x", "every_s": 1}})
     refused = watcher.wait_for(lambda d: d.get("device_id") == agent.device_id and d.get("config_error"), 15)
     assert refused["config_error"] == [f"{agent.config}: watch.bad.camera: unknown camera 'garage' (yard)"]
-    before = stats(broker, agent)["watch"]
+    before = next_stats(broker.port, agent)["watch"]
     assert set(before) == {"ok"}
     time.sleep(2.5)
-    assert stats(broker, agent)["watch"]["ok"]["runs"] >= before["ok"]["runs"] + 2
+    assert next_stats(broker.port, agent)["watch"]["ok"]["runs"] >= before["ok"]["runs"] + 2
 
 
 def test_watch_list_and_watch_run(start: Callable[..., AgentProcess], watcher: Client, clips: dict[str, Path]) -> None:
