@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from support import free_port
 
 HA_VERSION = "2025.1.4"
@@ -77,6 +79,25 @@ for cid, comp in payload["components"].items():
 print(json.dumps(out))
 """
 
+# What HA logs when it refuses a discovery document or one of its components.
+DISCOVERY_ERRORS = (r"when processing MQTT discovery message|Invalid MQTT device discovery payload"
+                    r"|Unable to parse JSON")
+# HA's text entity can be set offline (no API token) only by an automation: this one sets it
+# from each MQTT message on `topic`, as a user typing would.
+PROMPT_AUTOMATION = """
+automation:
+  - alias: set prompt
+    triggers:
+      - trigger: mqtt
+        topic: {topic}
+    actions:
+      - action: text.set_value
+        target:
+          entity_id: {entity_id}
+        data:
+          value: "{{{{ trigger.payload }}}}"
+"""
+
 
 def cache_dir() -> Path:
     env = os.environ.get("EDGE_AGENT_HA_CACHE")
@@ -117,6 +138,17 @@ def ensure_venv() -> tuple[Path, float]:
             raise RuntimeError(f"pip install of Home Assistant failed:\n{pip.stderr[-4000:]}")
         stamp.write_text(wanted)
         return venv / "bin" / "hass", time.monotonic() - started
+
+
+def hass_or_skip() -> Path:
+    """The venv's `hass` (built now if need be); the calling test is skipped where no Python 3.12
+    is found."""
+    try:
+        return ensure_venv()[0]
+    except RuntimeError as exc:
+        if "no Python 3.12" in str(exc):
+            pytest.skip(str(exc))
+        raise
 
 
 def validate(hass: Path, payload: dict) -> dict[str, str]:
