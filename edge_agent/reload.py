@@ -25,6 +25,9 @@ LIVE, LOGGING, CAMERAS, MQTT, MODEL = "live", "logging", "cameras", "mqtt", "mod
 WATCH, HOME_ASSISTANT, OVERFLOW = "watch", "homeassistant", "overflow"
 MODEL_KEYS = ("backend", "path", "provider", "provider_options", "fallback")
 LIVE_MQTT_KEYS = ("reply_topic_allow",)
+# watchdog 5+ reports a file being opened and closed unwritten (inotify): reading the settings
+# to reload them must not count as an edit, or one edit reloads every debounce_s for ever.
+READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})
 
 
 def changed_parts(old: Settings, new: Settings) -> set[str]:
@@ -59,6 +62,8 @@ class _Events(FileSystemEventHandler):
         self._poke = poke
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in READ_ONLY_EVENTS:  # our own reading of the file: not a change
+            return
         paths = [event.src_path, getattr(event, "dest_path", "")]
         if any(p and self._relevant(str(p)) for p in paths):
             self._poke()

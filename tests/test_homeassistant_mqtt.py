@@ -73,6 +73,7 @@ def test_a_removed_rule_removes_its_component_and_disabling_removes_the_device(
     try:
         ha.subscribe("homeassistant/#")
         before = discovery(ha, agent)
+        collect(ha, 1.0)  # the agent announces on connect and once ready: let both pass
         agent.rewrite(watch={"door": RULES["door"]})
         after = discovery(ha, agent)
         removed = {cid for cid in before["cmps"] if after["cmps"][cid] == {"p": before["cmps"][cid]["p"]}}

@@ -150,3 +150,22 @@ def test_a_changed_max_batch_applies_and_says_so(client: Client, agent: AgentPro
     applied = [line for line in agent.log_lines() if line["event"] == "config.applied"]
     assert any("model" in line["parts"] for line in applied)
     assert ask(client, agent, {"prompt": "still there?", "max_tokens": 2})["ok"]
+
+
+def test_reading_the_file_is_not_an_edit(tmp_path: Path) -> None:
+    """One edit, one reload: the reload reads the file (watchdog reports opened and closed
+    events for that), which must not set off another one."""
+    from edge_agent.reload import ConfigWatcher
+
+    main = tmp_path / "agent.toml"
+    main.write_text("device_id = 'a'\n")
+    calls: list[float] = []
+    watcher = ConfigWatcher(main, 0.2, lambda: (calls.append(time.monotonic()), main.read_text()))
+    watcher.start()
+    try:
+        time.sleep(0.3)
+        main.write_text("device_id = 'b'\n")
+        time.sleep(2.5)
+    finally:
+        watcher.stop()
+    assert len(calls) == 1, calls
