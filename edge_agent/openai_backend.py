@@ -116,7 +116,8 @@ class OpenAIServer:
         headers = {"Accept": "text/event-stream"}
         key = read_api_key(settings)
         if key:
-            headers["Authorization"] = f"Bearer {key}"
+            bearer = settings.api_key_header.lower() == "authorization"
+            headers[settings.api_key_header] = f"Bearer {key}" if bearer else key
         verify: Any = str(settings.ca_file) if settings.ca_file else settings.verify_tls
         self._client = httpx.Client(base_url=settings.base_url, headers=headers, verify=verify,
                                     limits=httpx.Limits(max_connections=settings.max_in_flight,

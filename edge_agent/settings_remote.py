@@ -23,6 +23,9 @@ class RemoteServerSettings(_Strict):
     model: str = Field("", description="the model name the server knows (e.g. phi3.5)")
     api_key_file: Path | None = Field(None, description="file holding the API key; unset: the systemd "
                                       f"credential {CREDENTIAL_NAME} if there is one, else no key")
+    api_key_header: str = Field("Authorization", pattern=r"^[A-Za-z0-9-]{1,64}$", description="the header "
+                                "that carries the key: Authorization (as `Bearer <key>`), or e.g. api-key "
+                                "(Azure OpenAI) for the key alone")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="longest wait for the server, per request "
                              "(a request's own deadline may be shorter)")
     connect_timeout_s: float = Field(5.0, gt=0, le=120, description="longest wait to connect")
