@@ -17,10 +17,10 @@ those guarantees: each failure is logged (`store.failed`) and counted (`store_fa
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from typing import Any, Callable
 
+from edge_agent.errors import StoreError
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
 from edge_agent.store import SeenAnswer, Store
@@ -53,7 +53,7 @@ class Delivery:
         with self._lock:
             try:
                 seen = self._store.first_sight(request_id)
-            except sqlite3.Error as exc:
+            except StoreError as exc:
                 self._store_failed("first_sight", exc)
                 return NEW  # better run twice than not at all
             if seen is True:
@@ -62,7 +62,7 @@ class Delivery:
             if isinstance(seen, SeenAnswer):
                 try:
                     on_its_way, in_outbox = self._on_its_way(seen), self._in_outbox(seen)
-                except sqlite3.Error as exc:
+                except StoreError as exc:
                     self._store_failed("outbox_rows", exc)
                     on_its_way, in_outbox = False, True  # not knowing: publish it again
                 stored: Reply = (seen.topic, seen.correlation)
@@ -110,7 +110,7 @@ class Delivery:
                         self._store.forget(request_id)
                     row = self._store.put(topic, payload, correlation)
                 self._unacked[row] = None
-            except sqlite3.Error as exc:
+            except StoreError as exc:
                 self._store_failed("answer", exc)
                 row = None  # published from memory only: a crash before its PUBACK loses it
             extra_rows = [self._put(to[0], payload, to[1]) for to in elsewhere]
@@ -122,7 +122,7 @@ class Delivery:
         """An outbox row for an answer about to be published; None if the store fails."""
         try:
             row = self._store.put(topic, payload, correlation)
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             self._store_failed("put", exc)
             return None
         self._unacked[row] = None
@@ -136,7 +136,7 @@ class Delivery:
         with self._lock:
             try:
                 pending = self._store.pending()
-            except sqlite3.Error as exc:
+            except StoreError as exc:
                 self._store_failed("pending", exc)
                 return
             orphans = [item for item in pending
@@ -149,12 +149,12 @@ class Delivery:
     def stats(self) -> dict[str, Any]:
         try:
             outbox: int | None = self._store.outbox_size()
-        except sqlite3.Error:
+        except StoreError:
             outbox = None
         return {"outbox": outbox, "outbox_dropped": self._store.dropped,
                 "store_failures": self.store_failures}
 
-    def _store_failed(self, step: str, exc: sqlite3.Error) -> None:
+    def _store_failed(self, step: str, exc: StoreError) -> None:
         self.store_failures += 1
         log.error("store.failed", step=step, error=str(exc))
 
@@ -186,5 +186,5 @@ class Delivery:
         self._unacked.pop(row, None)
         try:
             self._store.done(row)
-        except sqlite3.Error as exc:  # the row is published again at the next start: a copy
+        except StoreError as exc:  # the row is published again at the next start: a copy
             self._store_failed("done", exc)

@@ -1,4 +1,7 @@
-"""The project's error hierarchy. Codes that go on the wire live here and nowhere else."""
+"""The project's error hierarchy: one root, `EdgeAgentError`, so a caller can catch the
+project's failures in one clause (aiomqtt's `MqttError`). Each boundary module translates its
+library's exceptions into these (`raise ... from exc`). Codes that go on the wire live here and
+nowhere else."""
 
 from __future__ import annotations
 
@@ -21,7 +24,11 @@ class ErrorCode(str, Enum):
     FORBIDDEN = "forbidden"
 
 
-class AgentError(Exception):
+class EdgeAgentError(Exception):
+    """The root of every error this project raises on purpose."""
+
+
+class AgentError(EdgeAgentError):
     """An error that becomes an error answer with a stable code."""
 
     code: ErrorCode = ErrorCode.INTERNAL
@@ -46,6 +53,12 @@ class TooLarge(AgentError):
 
 class Busy(AgentError):
     code = ErrorCode.BUSY
+
+
+class Internal(AgentError):
+    """The agent failed the request, not the asker: a bug, a crashed inference process."""
+
+    code = ErrorCode.INTERNAL
 
 
 class Timeout(AgentError):
@@ -81,7 +94,7 @@ class Forbidden(AgentError):
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd's RestartPreventExitStatus= stops a restart loop on it
 
 
-class ConfigError(Exception):
+class ConfigError(EdgeAgentError):
     """Settings could not be loaded; `problems` holds one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -89,13 +102,17 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(EdgeAgentError):
     """The model folder or the execution provider could not be loaded."""
 
 
-class BrokerError(Exception):
+class BrokerError(EdgeAgentError):
     """The MQTT broker could not be reached or refused us."""
 
 
-class CatalogError(Exception):
+class CatalogError(EdgeAgentError):
     """The model catalog could not be read, or a model could not be pulled from it."""
+
+
+class StoreError(EdgeAgentError):
+    """The state database (outbox, de-duplication) failed: disk full, a damaged file."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.errors import ErrorCode
+from edge_agent.errors import AgentError, BadRequest, Busy
 from edge_agent.log import get_logger
 from edge_agent.mqtt import Incoming
 from edge_agent.protocol import Topics, encode, error_payload
@@ -95,8 +95,12 @@ class HomeAssistantBridge:
             text = payload.decode("utf-8")
         except (UnicodeDecodeError, ValueError) as exc:
             reason = "the prompt is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
-            publish(error_payload(None, ErrorCode.BAD_REQUEST, reason), ErrorCode.BAD_REQUEST.value)
+            publish(*_refusal(BadRequest(reason)))
             return
         if not agent.intake.submit_fields({"prompt": text}, publish, background=False, trusted=False):
-            publish(error_payload(None, ErrorCode.BUSY, "the agent is busy or stopping; try again"),
-                    ErrorCode.BUSY.value)
+            publish(*_refusal(Busy("the agent is busy or stopping; try again")))
+
+
+def _refusal(exc: AgentError) -> tuple[bytes, str]:
+    """A prompt not run: its error answer, and the outcome it counts as."""
+    return error_payload(None, exc.code, exc.message), exc.code.value

@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 import structlog
 
 from edge_agent.delivery import DUPLICATE, Delivery
-from edge_agent.errors import AgentError, ErrorCode, Unavailable
+from edge_agent.errors import AgentError, Busy, Internal, Unavailable
 from edge_agent.inflight import InFlight
 from edge_agent.jobs import Job
 from edge_agent.log import get_logger
@@ -56,8 +56,8 @@ class Intake:
         except Exception as exc:  # noqa: BLE001 - a bug must cost one request, answered
             log.exception("request.unexpected_error")
             try:
-                self.reply_error(self._error_topic(incoming), None, AgentError(
-                    f"unexpected {type(exc).__name__} while taking the request", ErrorCode.INTERNAL), incoming)
+                self.reply_error(self._error_topic(incoming), None, Internal(
+                    f"unexpected {type(exc).__name__} while taking the request"), incoming)
             except Exception:  # noqa: BLE001 - left unacknowledged: the broker delivers it again
                 log.exception("request.unanswered")
 
@@ -97,9 +97,8 @@ class Intake:
                 return
             if self._overflow(job, "busy"):
                 return
-            self.reply_error(topic, request, AgentError(
-                f"queue full ({host.settings.limits.queue_size} waiting)", ErrorCode.BUSY),
-                incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
+            self.reply_error(topic, request, Busy(f"queue full ({host.settings.limits.queue_size} waiting)"),
+                             incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
 
     def take_cancel(self, incoming: Incoming) -> None:
         """`{"id"}` on the cancel topic: that request ends, answered with the text it has.

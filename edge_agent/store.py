@@ -5,21 +5,27 @@ their answers (so a redelivered or re-sent request is answered again, never run 
 One connection, guarded by a lock: the MQTT network thread and the inference worker both
 write. WAL mode with synchronous=NORMAL keeps a committed row across a process crash; a power
 cut may lose the last transaction, which costs at most a re-run, never a doubled answer.
+
+This is the only module that imports sqlite3: every public method raises `StoreError` for what
+SQLite raises (disk full, a damaged file), opening raises `ConfigError`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, StoreError
 from edge_agent.log import get_logger
 
 log = get_logger("store")
+_F = TypeVar("_F", bound=Callable[..., object])
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -52,6 +58,18 @@ class SeenAnswer:
     correlation: bytes | None
 
 
+def store_errors(method: _F) -> _F:
+    """The boundary: an `sqlite3.Error` leaves `method` as `StoreError`, with the same text.
+    tests/faults.py wraps its injected failures in it, so they cross the translation as real ones do."""
+    @functools.wraps(method)
+    def translated(*args: object, **kwargs: object) -> object:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+    return translated  # type: ignore[return-value]
+
+
 class Store:
     def __init__(self, path: Path, *, outbox_max_items: int, outbox_max_age_s: float,
                  dedup_window_s: float, clock=time.time) -> None:  # noqa: ANN001 - tests pass a fake clock
@@ -77,11 +95,13 @@ class Store:
         self.dedup_window_s = dedup_window_s
         self.dropped = 0  # outbox entries dropped by the bounds since start
 
+    @store_errors
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     # --- outbox --------------------------------------------------------------------------
+    @store_errors
     def put(self, topic: str, payload: bytes, correlation: bytes | None) -> int:
         """Store an answer before it is published; bounded: oldest dropped first, counted."""
         with self._lock:
@@ -91,11 +111,13 @@ class Store:
             self._enforce_bounds()
             return int(cursor.lastrowid or 0)
 
+    @store_errors
     def done(self, row: int) -> None:
         """The broker acknowledged it (PUBACK)."""
         with self._lock:
             self._db.execute("DELETE FROM outbox WHERE id = ?", (row,))
 
+    @store_errors
     def pending(self) -> list[Outgoing]:
         """Unacknowledged answers, oldest first (after expiring what is too old)."""
         with self._lock:
@@ -104,6 +126,7 @@ class Store:
                 "SELECT id, topic, payload, correlation FROM outbox ORDER BY id").fetchall()
         return [Outgoing(r[0], r[1], bytes(r[2]), None if r[3] is None else bytes(r[3])) for r in rows]
 
+    @store_errors
     def outbox_rows(self, topic: str, payload: bytes, correlation: bytes | None) -> list[int]:
         """The outbox rows holding this very answer (not yet acknowledged by the broker)."""
         with self._lock:
@@ -111,6 +134,7 @@ class Store:
                 "SELECT id FROM outbox WHERE topic = ? AND payload = ? AND correlation IS ?",
                 (topic, payload, correlation))]
 
+    @store_errors
     def outbox_size(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
@@ -126,6 +150,7 @@ class Store:
             log.warning("outbox.dropped", too_old=old, over_limit=over, dropped_total=self.dropped)
 
     # --- de-duplication ---------------------------------------------------------------------
+    @store_errors
     def first_sight(self, request_id: str) -> bool | SeenAnswer:
         """True: new, now recorded as in progress. False: seen, still in progress (its answer
         will come). SeenAnswer: answered before, within the window: publish that again."""
@@ -141,6 +166,7 @@ class Store:
             return False
         return SeenAnswer(row[0], bytes(row[1]), None if row[2] is None else bytes(row[2]))
 
+    @store_errors
     def answered(self, request_id: str, topic: str, payload: bytes, correlation: bytes | None) -> int:
         """Record the answer and put it in the outbox, in one transaction; returns the outbox row."""
         with self._lock:
@@ -156,16 +182,19 @@ class Store:
                     (topic, payload, correlation, self._clock()))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite ends it by itself on some errors (disk full)
+                    self._db.execute("ROLLBACK")
                 raise
             self._enforce_bounds()
             return int(cursor.lastrowid or 0)
 
+    @store_errors
     def reset_in_progress(self) -> None:
         """At start-up: ids a previous process took but never answered may run again."""
         with self._lock:
             self._db.execute("DELETE FROM seen WHERE payload IS NULL")
 
+    @store_errors
     def forget(self, request_id: str) -> None:
         """A request that was refused before running (busy, stopping): a re-send may run."""
         with self._lock:

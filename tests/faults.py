@@ -241,15 +241,19 @@ if _slow_load_s:  # a big model on a slow disk: the inference child takes this l
 import sqlite3
 import edge_agent.store as _store
 
-_answered, _first_sight = _store.Store.answered, _store.Store.first_sight
+# Raised below the store's translation (unwrapped, then wrapped again in store_errors), as
+# SQLite's own failures are: what reaches delivery is the StoreError the store makes of them.
+_answered, _first_sight = _store.Store.answered.__wrapped__, _store.Store.first_sight.__wrapped__
 
 
+@_store.store_errors
 def answered(self, request_id, *args):
     if request_id.startswith("diskfull"):  # the disk filled up
         raise sqlite3.OperationalError("database or disk is full")
     return _answered(self, request_id, *args)
 
 
+@_store.store_errors
 def first_sight(self, request_id):
     if request_id.startswith("unreadable"):  # the store cannot be read
         raise sqlite3.DatabaseError("database disk image is malformed")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from structlog.testing import capture_logs
+
 from edge_agent.delivery import DUPLICATE, NEW, Delivery
 from edge_agent.mqtt import Incoming
 from edge_agent.store import Store
@@ -138,3 +140,20 @@ def test_a_resend_while_running_from_elsewhere_gets_the_answer_too(tmp_path: Pat
     assert sorted(t for t, _, _ in link.published) == ["p/dev/ask/x", "p/dev/response"]
     link.confirm_all()
     assert store.outbox_size() == 0
+
+
+def test_a_full_store_costs_the_guarantees_not_the_answer(tmp_path: Path) -> None:
+    """The disk fills up (a real SQLite file that may not grow): the store's StoreError is
+    caught, logged and counted; the answer is still acknowledged and published, from memory."""
+    store = Store(tmp_path / "state.db", outbox_max_items=100, outbox_max_age_s=3600, dedup_window_s=600)
+    link = RecordingLink()
+    delivery = Delivery(store, lambda: link, lambda: 2)  # type: ignore[arg-type,return-value]
+    assert delivery.admit("r1", True, request(1)) == NEW
+    store._db.execute("PRAGMA max_page_count = 1")  # SQLite keeps it at the current page count
+    big = b"x" * 65536  # needs new pages
+    with capture_logs() as logs:
+        delivery.answer("r1", True, "p/dev/response", big, None, request(1))
+    assert link.acked == [1] and link.published == [("p/dev/response", big, 2)]
+    assert [(e["step"], e["error"]) for e in logs if e["event"] == "store.failed"] == [
+        ("answer", "database or disk is full")]
+    assert delivery.stats() == {"outbox": 0, "outbox_dropped": 0, "store_failures": 1}

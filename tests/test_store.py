@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, StoreError
 from edge_agent.store import SeenAnswer, Store
 
 
@@ -21,6 +22,11 @@ class Clock:
 def open_store(path: Path, clock: Clock, **bounds: float) -> Store:
     settings = {"outbox_max_items": 100, "outbox_max_age_s": 3600, "dedup_window_s": 600, **bounds}
     return Store(path / "state.db", clock=clock, **settings)  # type: ignore[arg-type]
+
+
+def cap_at_current_size(store: Store) -> None:
+    """The disk is full: the file may not grow by a page (SQLite's own limit, per connection)."""
+    store._db.execute("PRAGMA max_page_count = 1")  # SQLite keeps it at the current page count
 
 
 def test_outbox_survives_reopen_in_order(tmp_path: Path) -> None:
@@ -88,3 +94,43 @@ def test_an_unwritable_state_dir_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot open the state database"):
         Store(blocker / "sub" / "state.db", outbox_max_items=1, outbox_max_age_s=1, dedup_window_s=1)
+
+
+def test_a_full_database_fails_as_a_store_error(tmp_path: Path) -> None:
+    """SQLite's "database or disk is full" leaves the store as StoreError (the same text, the
+    SQLite error as its cause); what is stored stays readable and the store usable."""
+    store = open_store(tmp_path, Clock())
+    row = store.put("t", b"before", None)
+    cap_at_current_size(store)
+    big = b"x" * 65536  # needs new pages
+    for write in (lambda: store.put("t", big, None), lambda: store.answered("q1", "t", big, None)):
+        with pytest.raises(StoreError, match="database or disk is full") as info:
+            write()
+        assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert [o.row for o in store.pending()] == [row] and store.outbox_size() == 1
+    assert store.first_sight("q1") is True  # the failed answer left no half of itself
+    store.done(row)
+    assert store.outbox_size() == 0
+
+
+def test_a_page_damaged_at_run_time_fails_as_a_store_error(tmp_path: Path) -> None:
+    """A page of the outbox table turns to garbage after the store checked the file at start
+    (opening counts rows through an index, so it does not notice): reading it is a StoreError."""
+    clock = Clock()
+    store = open_store(tmp_path, clock, outbox_max_items=1000)
+    marker = b"answer-body-" * 40
+    for _ in range(50):
+        store.put("t", marker, None)
+    store.close()
+    data = bytearray((tmp_path / "state.db").read_bytes())
+    page = 4096
+    damaged = [start for start in range(0, len(data), page) if marker in data[start:start + page]]
+    assert damaged and not any(tmp_path.glob("state.db-wal*"))  # checkpointed into the file at close
+    for start in damaged:
+        data[start:start + page] = b"\xff" * page
+    (tmp_path / "state.db").write_bytes(bytes(data))
+    store = open_store(tmp_path, clock, outbox_max_items=1000)
+    assert not list(tmp_path.glob("state.db.damaged-*"))  # not noticed at start
+    with pytest.raises(StoreError, match="malformed") as info:
+        store.pending()
+    assert isinstance(info.value.__cause__, sqlite3.DatabaseError)

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from edge_agent.errors import AgentError, ErrorCode, ModelLoadError, Timeout, Unavailable
+from edge_agent.errors import AgentError, Internal, ModelLoadError, Timeout, Unavailable
 from edge_agent.inference.types import (DEFAULT_BATCH_MAX_LENGTH, DEFAULT_BATCH_WAIT_S, WARMUP_TOKENS,
                                         Generation, GenerationParams, Work, read_genai_config,
                                         takes_images)
@@ -248,8 +248,7 @@ class EngineProcess:
             stuck_ids = {h.rid for h in stuck}
             self._fail_all(lambda h: Timeout("generation stuck past its deadline; the model is loaded again")
                            if h.rid in stuck_ids else
-                           AgentError("the inference process was restarted (another request was stuck)",
-                                      ErrorCode.INTERNAL))
+                           Internal("the inference process was restarted (another request was stuck)"))
             self._restart()
         return True
 
@@ -262,9 +261,8 @@ class EngineProcess:
             return
         self.crashes += 1
         log.error("inference.process_died", exit=_exit_text(code), model=self.name, in_flight=len(self._handles))
-        self._fail_all(lambda handle: AgentError(
-            f"the inference process died ({_exit_text(code)}); a new one is loading the model",
-            ErrorCode.INTERNAL))
+        self._fail_all(lambda handle: Internal(
+            f"the inference process died ({_exit_text(code)}); a new one is loading the model"))
         self._restart()
 
     def _restart(self) -> None:
