@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import httpx
 
-from edge_agent.errors import AgentError, BadRequest, Timeout, Unavailable, Unsupported
+from edge_agent.errors import AgentError, BadRequest, Internal, Timeout, Unavailable, Unsupported
 from edge_agent.inference.types import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Generation, Work
 from edge_agent.log import get_logger
 from edge_agent.settings_remote import CREDENTIAL_NAME, RemoteServerSettings
@@ -246,7 +246,7 @@ class RemoteRequest:
         self._model = answer.get("model") or self._model
         choices = answer.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            raise AgentError(f"the server's answer has no choices: {json.dumps(answer)[:120]}")
+            raise Internal(f"the server's answer has no choices: {json.dumps(answer)[:120]}")
         self._add((choices[0].get("message") or {}).get("content"), choices[0].get("finish_reason") or "stop")
 
     def _add(self, delta: Any, finish_reason: Any) -> None:
@@ -275,13 +275,13 @@ class RemoteRequest:
 
 
 def _json_object(data: str, what: str) -> dict[str, Any]:
-    """A chunk or answer as a JSON object; AgentError (`internal`) for anything else."""
+    """A chunk or answer as a JSON object; `Internal` for anything else."""
     try:
         value = json.loads(data)
     except ValueError:
-        raise AgentError(f"the server sent a {what} that is not JSON: {data[:80]!r}") from None
+        raise Internal(f"the server sent a {what} that is not JSON: {data[:80]!r}") from None
     if not isinstance(value, dict):
-        raise AgentError(f"the server sent a {what} that is not a JSON object: {data[:80]!r}")
+        raise Internal(f"the server sent a {what} that is not a JSON object: {data[:80]!r}")
     if "error" in value:
         message = value["error"].get("message") if isinstance(value["error"], dict) else value["error"]
         raise Unavailable(f"the server reported an error: {str(message)[:200]}")
