@@ -198,7 +198,7 @@ class RemoteRequest:
         self._finish, self._ttft = "", None
         self._model: str | None = None
         try:
-            with server._client.stream("POST", "/chat/completions", json=request_body(server.name, self._work),
+            with server._client.stream("POST", "/chat/completions", json=request_body(server.name, self._work, server.settings.schema_format),
                                        timeout=self._timeout(self._started)) as response:
                 with self._lock:
                     if self._cancelled:
@@ -288,7 +288,7 @@ def _json_object(data: str, what: str) -> dict[str, Any]:
     return value
 
 
-def request_body(model: str, work: Work) -> dict[str, Any]:
+def request_body(model: str, work: Work, schema_format: str = "json_schema") -> dict[str, Any]:
     params = work.params
     body: dict[str, Any] = {"model": model, "messages": chat_messages(work), "stream": True,
                             "stream_options": {"include_usage": True}, "max_tokens": params.max_new_tokens}
@@ -301,16 +301,18 @@ def request_body(model: str, work: Work) -> dict[str, Any]:
     if params.seed is not None:
         body["seed"] = params.seed
     if params.guidance is not None:
-        body["response_format"] = openai_response_format(params.guidance.kind, params.guidance.data)
+        body["response_format"] = openai_response_format(params.guidance.kind, params.guidance.data, schema_format)
     return body
 
 
-def openai_response_format(kind: str, data: str) -> dict[str, Any]:
+def openai_response_format(kind: str, data: str, schema_format: str = "json_schema") -> dict[str, Any]:
     if kind != "json_schema":
         raise Unsupported(f"an OpenAI-compatible server takes response_format json_object and json_schema, "
                           f"not {'regex' if kind == 'regex' else 'lark'}")
     schema = json.loads(data)
     schema.pop("x-guidance", None)  # ORT GenAI's whitespace option, not JSON Schema
+    if schema_format == "json_object":
+        return {"type": "json_object", "schema": schema}
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
 
 

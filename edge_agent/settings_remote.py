@@ -33,6 +33,10 @@ class RemoteServerSettings(_Strict):
     ca_file: Path | None = Field(None, description="CA certificate for a private https server")
     images: bool = Field(False, description="the model takes images (camera frames and `images` are "
                          "sent as data URLs); false: such requests are answered `unsupported`")
+    schema_format: Literal["json_schema", "json_object"] = Field(
+        "json_schema", description="how a JSON response_format is sent: json_schema (OpenAI's shape: "
+        "OpenAI, Azure, Ollama, NIM, llama.cpp's llama-server) or json_object with a `schema` field "
+        "(llama-cpp-python's server)")
     max_in_flight: int = Field(8, ge=1, le=256, description="requests sent to the server at once")
     circuit_failures: int = Field(3, ge=1, le=1000, description="failures in a row that open the "
                                   "circuit: requests are answered `unavailable` at once for a while")

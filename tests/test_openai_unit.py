@@ -65,6 +65,8 @@ def test_request_body_is_greedy_streamed_and_carries_the_format() -> None:
     sent = body["response_format"]
     assert sent["type"] == "json_schema" and sent["json_schema"]["schema"]["properties"] == {"open": {"type": "boolean"}}
     assert "x-guidance" not in sent["json_schema"]["schema"]
+    llama = request_body("m", _work(guidance=Guidance(fmt.kind, fmt.data, True)), "json_object")["response_format"]
+    assert llama == {"type": "json_object", "schema": sent["json_schema"]["schema"]}
     regex = parse_response_format({"type": "regex", "regex": "(yes|no)"})
     assert regex is not None
     with pytest.raises(Unsupported, match="not regex"):
