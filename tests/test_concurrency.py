@@ -20,6 +20,7 @@ from support import DOOR_SCHEMA, AgentProcess, Broker, Client, build_model
 
 PROMPTS = [f"Tell me about topic number {n}" + " please" * n for n in range(8)]  # lengths differ
 
+
 def collect(client: Client, want: Callable[[list[dict[str, Any]]], bool], timeout: float = 30) -> list[dict[str, Any]]:
     """Every message on the client's topics until `want(messages)` holds."""
     got: list[dict[str, Any]] = []
@@ -35,15 +36,19 @@ def collect(client: Client, want: Callable[[list[dict[str, Any]]], bool], timeou
         got.append(doc)
     return got
 
+
 def finals(messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {m["id"]: m for m in messages if "ok" in m}  # answers, not chunks or status
+
 
 def send(client: Client, agent: AgentProcess, **request: Any) -> None:
     client.publish(agent.request_topic, json.dumps(request))
 
+
 def answers_for(client: Client, agent: AgentProcess, ids: list[str], timeout: float = 60) -> dict[str, dict[str, Any]]:
     got = collect(client, lambda ms: set(ids) <= set(finals(ms)), timeout)
     return finals(got)
+
 
 def test_concurrent_requests_are_answered_as_alone(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
@@ -72,6 +77,7 @@ def test_concurrent_requests_are_answered_as_alone(
     paths = [line["path"] for line in agent.log_lines() if line.get("event") == "request.done"]
     assert paths == ["single"] * 16, paths
 
+
 def test_streamed_chunks_have_no_gaps_and_add_up_to_the_answer(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
     agent = start_agent(broker, client, stream__interval_ms=0)
@@ -91,6 +97,7 @@ def test_streamed_chunks_have_no_gaps_and_add_up_to_the_answer(
     again += client.drain()
     assert [m for m in again if "seq" in m] == [] and again[0] == final
 
+
 def test_stream_chunks_are_coalesced(broker: Broker, client: Client,
                                      start_agent: Callable[..., AgentProcess]) -> None:
     agent = start_agent(broker, client, stream__interval_ms=60000)  # nothing goes out before the end
@@ -101,6 +108,7 @@ def test_stream_chunks_are_coalesced(broker: Broker, client: Client,
     # the first token goes out at once (nothing sent yet), the rest in one chunk at the end
     assert [c["seq"] for c in chunks] == [1, 2]
     assert "".join(c["delta"] for c in chunks) == finals(got)["s2"]["text"]
+
 
 def test_cancel_of_a_queued_and_of_a_running_request(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
@@ -125,6 +133,7 @@ def test_cancel_of_a_queued_and_of_a_running_request(
     assert [(c["request_id"], c["found"]) for c in cancels] == [("running", True), ("queued", True),
                                                                ("never-seen", False)]
 
+
 def test_a_malformed_cancel_is_answered_and_changes_nothing(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
     agent = start_agent(broker, client)
@@ -138,6 +147,7 @@ def test_a_malformed_cancel_is_answered_and_changes_nothing(
     send(client, agent, id="fine", prompt="hello", max_tokens=4)
     assert answers_for(client, agent, ["fine"])["fine"]["ok"]
 
+
 @pytest.mark.parametrize("response_format,check", [
     (DOOR_SCHEMA, lambda doc: set(doc["json"]) == {"open"} and isinstance(doc["json"]["open"], bool)),
     ({"type": "json_schema", "json_schema": {"name": "n", "schema": {
@@ -148,6 +158,8 @@ def test_a_malformed_cancel_is_answered_and_changes_nothing(
     ({"type": "regex", "regex": "(yes|no)"}, lambda doc: doc["text"] in ("yes", "no") and "json" not in doc),
     ({"type": "lark", "grammar": 'start: "Paris" | "London"'}, lambda doc: doc["text"] in ("Paris", "London")),
 ])
+
+
 def test_every_response_format_holds_on_the_text_model(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess],
         response_format: dict[str, Any], check: Callable[[dict[str, Any]], bool]) -> None:
@@ -163,6 +175,7 @@ def test_every_response_format_holds_on_the_text_model(
         if "json" in doc:
             assert json.loads(doc["text"]) == doc["json"]
 
+
 @pytest.mark.parametrize("response_format,words", [
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}, "response_format refused"),
     ({"type": "regex", "regex": "("}, "response_format refused"),
@@ -172,6 +185,8 @@ def test_every_response_format_holds_on_the_text_model(
     ({"type": "regex"}, "needs 'regex'"),
     ("json", "'response_format' must be an object"),
 ])
+
+
 def test_bad_response_formats_are_bad_requests(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess],
         response_format: Any, words: str) -> None:
@@ -183,6 +198,7 @@ def test_bad_response_formats_are_bad_requests(
     assert got["bad"]["error"]["code"] == "bad_request" and words in got["bad"]["error"]["message"], got["bad"]
     assert got["next"]["ok"]
 
+
 def test_a_template_carries_its_response_format(broker: Broker, client: Client,
                                                 start_agent: Callable[..., AgentProcess]) -> None:
     agent = start_agent(broker, client, prompts={"templates": {"door": {
@@ -192,11 +208,14 @@ def test_a_template_carries_its_response_format(broker: Broker, client: Client,
     doc = answers_for(client, agent, ["t1"])["t1"]
     assert doc["ok"] and isinstance(doc["json"]["open"], bool), doc
 
+
 @pytest.mark.parametrize("response_format,check", [
     (DOOR_SCHEMA, lambda doc: set(doc["json"]) == {"open"} and isinstance(doc["json"]["open"], bool)),
     ({"type": "regex", "regex": "(yes|no)"}, lambda doc: doc["text"] in ("yes", "no")),
     ({"type": "lark", "grammar": 'start: "Paris" | "London"'}, lambda doc: doc["text"] in ("Paris", "London")),
 ])
+
+
 def test_formats_hold_on_the_vision_model_with_an_image(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess],
         response_format: dict[str, Any], check: Callable[[dict[str, Any]], bool]) -> None:
@@ -209,6 +228,7 @@ def test_formats_hold_on_the_vision_model_with_an_image(
          images=[base64.b64encode(data.tobytes()).decode()])
     doc = answers_for(client, agent, ["v1"])["v1"]
     assert doc["ok"] and doc["finish_reason"] == "stop" and check(doc), doc
+
 
 def test_json_object_parses_and_an_answer_cut_short_has_no_json(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
@@ -223,6 +243,7 @@ def test_json_object_parses_and_an_answer_cut_short_has_no_json(
     assert got["closed"]["finish_reason"] == "stop" and got["closed"]["json"] == {}, got["closed"]
     assert got["cut"]["finish_reason"] == "length" and "json" not in got["cut"], got["cut"]
     assert got["cut"]["text"].startswith('{"')
+
 
 def test_a_child_crash_fails_every_request_in_flight_and_the_next_succeed(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
