@@ -22,7 +22,6 @@ at once. A failing camera is reopened by its own thread with capped, jittered ba
 from __future__ import annotations
 
 import math
-import os
 import re
 import threading
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
-import edge_agent.images  # noqa: F401 - sets OpenCV's decode pixel cap before cv2 is loaded
+from edge_agent.opencv_env import v4l_timeout  # before cv2: OpenCV reads its settings at load
 import cv2
 import numpy as np
 
@@ -95,8 +94,7 @@ def validate_cameras(settings: Any) -> None:
 def _open(s: CameraSettings, kind: str) -> cv2.VideoCapture:
     try:
         if kind == "v4l2":
-            # V4L2 has no read-timeout property; OpenCV reads this once, at its first V4L2 read.
-            os.environ.setdefault("OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT", str(math.ceil(s.read_timeout_s)))
+            v4l_timeout.want(s.read_timeout_s, fix=True)  # no per-capture timeout: see opencv_env
             cap = cv2.VideoCapture(int(s.source) if str(s.source).isdigit() else s.source, cv2.CAP_V4L2)
             for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, s.width), (cv2.CAP_PROP_FRAME_HEIGHT, s.height),
                                 (cv2.CAP_PROP_FPS, s.fps)):

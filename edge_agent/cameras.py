@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from edge_agent.errors import BadRequest
 from edge_agent.log import get_logger
+from edge_agent.opencv_env import v4l_timeout
 from edge_agent.settings import CameraSettings
+from edge_agent.sources import source_kind
 
 if TYPE_CHECKING:
     from edge_agent.camera import Camera
@@ -29,11 +31,20 @@ def _validated(cameras: Mapping[str, CameraSettings]) -> Any:
     return camera
 
 
+def _announce_v4l2_timeouts(cameras: Mapping[str, CameraSettings]) -> None:
+    """Before any camera starts: OpenCV has one V4L2 read timeout per process (see opencv_env),
+    so it covers the largest of them, not the first camera's to open."""
+    for settings in cameras.values():
+        if source_kind(settings.source) == "v4l2":
+            v4l_timeout.want(settings.read_timeout_s)
+
+
 class CameraSet:
     """The cameras of the settings, by name; requests can only name these."""
 
     def __init__(self, cameras: Mapping[str, CameraSettings]) -> None:
         module = _validated(cameras)
+        _announce_v4l2_timeouts(cameras)
         self._cameras: dict[str, Camera] = {name: module.Camera(name, cam) for name, cam in cameras.items()}
         self._motion_listener: Callable[[str, str], None] | None = None
 
@@ -73,6 +84,7 @@ class CameraSet:
     def reconfigure(self, cameras: Mapping[str, CameraSettings]) -> None:
         """Reopen only what changed: removed and changed cameras stop, new and changed start."""
         module = _validated(cameras)
+        _announce_v4l2_timeouts(cameras)
         stale = [n for n, cam in self._cameras.items() if cameras.get(n) != cam.settings]
         for name in stale:
             self._cameras.pop(name).stop()

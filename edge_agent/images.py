@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
 import struct
 
-# OpenCV reads its decode pixel cap once, when cv2 is loaded (default 2^30 pixels, far too many
-# for an edge box). It backs up the header check for formats `declared_size` cannot read.
-# camera.py imports this module before cv2 for that reason.
-DECODE_PIXEL_BACKSTOP = 1 << 26
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DECODE_PIXEL_BACKSTOP))
+from edge_agent.opencv_env import DECODE_PIXEL_BACKSTOP  # before cv2: it sets the decode pixel cap
+import cv2
+import numpy as np
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from edge_agent.errors import BadImage, TooLarge  # noqa: E402
-from edge_agent.settings import ImageSettings  # noqa: E402
+from edge_agent.errors import BadImage, TooLarge
+from edge_agent.settings import ImageSettings
 
 DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
 HEADER_SCAN_BYTES = 65536  # how far into a file the box/segment walkers look

@@ -135,7 +135,9 @@ class CameraSettings(_Strict):
     max_frame_age_ms: int = Field(1000, ge=1, le=600_000, description="older frames are never used")
     fresh_wait_ms: int = Field(2000, ge=0, le=60_000, description="how long a request waits for a fresh frame")
     open_timeout_s: float = Field(10.0, gt=0, le=120, description="give up opening the source after this")
-    read_timeout_s: float = Field(5.0, gt=0, le=120, description="a read slower than this counts as a failure")
+    read_timeout_s: float = Field(5.0, gt=0, le=120, description="a read slower than this counts as a "
+                                  "failure; V4L2 reads all wait the largest of the V4L2 cameras' (OpenCV has "
+                                  "one for the process), so a shorter one fails on time but reopens after that")
     reconnect_min_s: float = Field(0.5, gt=0, le=60, description="first reopen delay")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="reopen delay cap")
     motion: MotionSettings = Field(default_factory=MotionSettings, description="[cameras.<name>.motion]")

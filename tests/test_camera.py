@@ -3,13 +3,16 @@ paused and restarted mid-test) and clips written by ffmpeg at test time."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from structlog.testing import capture_logs
 
+from edge_agent import cameras as cameras_module, opencv_env
 from edge_agent.camera import Camera, has_gstreamer, validate_cameras
 from edge_agent.cameras import CameraSet
 from edge_agent.errors import BadRequest, CameraUnavailable, ConfigError, StaleFrame
@@ -240,3 +243,23 @@ def test_source_kind(source: str | int, kind: str) -> None:
 def test_redact_hides_credentials() -> None:
     assert redact("rtsp://admin:hunter2@10.0.0.5:554/s") == "rtsp://***@10.0.0.5:554/s"
     assert redact("/dev/video0") == "/dev/video0"
+
+
+def test_one_v4l2_read_timeout_for_the_process_the_largest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenCV's V4L2 backend has no per-capture read timeout and reads its variable once: the
+    camera set asks for the largest before any camera opens, not the first camera's."""
+    monkeypatch.setenv(opencv_env.V4L_SELECT_TIMEOUT, "99")  # the settings own it
+    timeout = opencv_env._V4lTimeout()
+    monkeypatch.setattr(cameras_module, "v4l_timeout", timeout)
+    on_demand = dict(mode="on_demand")  # nothing opens here
+    cams = CameraSet({"a": CameraSettings(source="/dev/video7", read_timeout_s=2, **on_demand),
+                      "b": CameraSettings(source=3, read_timeout_s=6.5, **on_demand),
+                      "net": CameraSettings(source="rtsp://10.0.0.5/s", read_timeout_s=60, **on_demand)})
+    assert os.environ[opencv_env.V4L_SELECT_TIMEOUT] == "7" and timeout.seconds == 7
+    assert timeout.want(2, fix=True) == 7  # camera "a" opens first: it waits 7 s too, and it is fixed
+    with capture_logs() as logs:
+        cams.reconfigure({**{n: cams.get(n).settings for n in cams.names},
+                          "c": CameraSettings(source="/dev/video9", read_timeout_s=20, **on_demand)})
+    assert os.environ[opencv_env.V4L_SELECT_TIMEOUT] == "7"
+    assert [(e["event"], e["wanted_s"]) for e in logs if e["log_level"] == "warning"] == [
+        ("camera.v4l2_timeout_fixed", 20)]
