@@ -277,7 +277,7 @@ class Agent:
     # --- parts -------------------------------------------------------------------------------
     def _new_link(self, settings: Settings, topics: Topics) -> BrokerLink:
         return BrokerLink(settings.mqtt, settings.client_id, request_topic=topics.request,
-                          will_topic=topics.status, will_payload=self.status.offline_payload(),
+                          will_topic=topics.status, will_payload=self.status.offline_payload,
                           on_message=self._on_message, on_connected=self._on_connected,
                           receive_maximum=settings.mqtt.receive_maximum or settings.limits.queue_size + 32,
                           shared_topic=topics.shared_fleet_request(settings.mqtt.shared_group)

@@ -35,7 +35,8 @@ CROSS_TABLE_MARK = "across tables:\n"  # a model-level error: one problem per li
 URL_CREDENTIALS = re.compile(r"(://)[^/@]*@")
 TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROVIDERS = ("auto", "cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
-# Keys holding paths; relative values are taken relative to the config file's folder.
+# Keys holding paths; relative values are taken relative to the config file's folder (so is a
+# camera's file source: see _resolve_paths).
 PATH_KEYS = (("model", "path"), ("state_dir",), ("mqtt", "password_file"), ("mqtt", "tls", "ca_file"),
              ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"), ("openai", "api_key_file"),
              ("openai", "ca_file"), ("overflow", "api_key_file"), ("overflow", "ca_file"))
@@ -328,6 +329,10 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    def resolved(text: str) -> str:
+        value = Path(text).expanduser()
+        return str(value if value.is_absolute() else base / value)
+
     for keys in PATH_KEYS:
         table = data
         for key in keys[:-1]:
@@ -335,8 +340,14 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(table, dict) and isinstance(table.get(keys[-1]), str):
             if keys == ("model", "path") and is_catalog_name(table["path"]):
                 continue  # a catalog name, resolved under state_dir by catalog.resolve_model_path
-            value = Path(table[keys[-1]]).expanduser()
-            table[keys[-1]] = str(value if value.is_absolute() else base / value)
+            table[keys[-1]] = resolved(table[keys[-1]])
+    from edge_agent.sources import source_kind  # it imports this module
+
+    cameras = data.get("cameras")  # a table of free names: only file sources are paths
+    for camera in cameras.values() if isinstance(cameras, dict) else ():
+        source = camera.get("source") if isinstance(camera, dict) else None
+        if isinstance(source, str) and source and source_kind(source) == "file":
+            camera["source"] = resolved(source)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,32 @@ def test_killed_agent_leaves_the_last_will(broker: Broker, client: Client,
     agent.stop(signal.SIGKILL)
     doc = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d["state"] == "offline", 20)
     assert doc["state"] == "offline"
+    assert doc["model"] is None  # the will of the first connect, made before the model loaded
+
+
+def test_the_will_after_a_reconnect_names_the_model(start_agent: Callable[..., AgentProcess]) -> None:
+    """MQTT fixes a will at connect time: each reconnect carries the status as it is then."""
+    own = Broker()
+    own.start()
+    try:
+        watcher = Client(own.port)
+        agent = start_agent(own, watcher)
+        watcher.close()
+        own.stop(signal.SIGKILL)
+        own.start()
+        watcher = Client(own.port)  # the broker forgot everything
+        try:
+            watcher.subscribe(agent.status_topic)
+            ready = watcher.wait_for(lambda d: d.get("state") == "ready", 20)  # reconnected
+            agent.stop(signal.SIGKILL)
+            will = watcher.wait_for(lambda d: d.get("state") == "offline", 20)
+        finally:
+            watcher.close()
+        assert will["device_id"] == agent.device_id and will["model"] == ready["model"] is not None
+        assert will["provider"] == ready["provider"] is not None
+        assert will["provider_reason"] == ready["provider_reason"]
+    finally:
+        own.close()
 
 
 def test_broker_restart_then_the_next_request_is_answered(
@@ -240,6 +266,25 @@ def test_unreadable_genai_config_exits_78(tmp_path: Path) -> None:
     config.write_text(f'[model]\npath = "{tmp_path}"\n[mqtt]\nport = 1\n')
     result = run_cli("run", "--config", str(config))
     assert result.returncode == 78 and "cannot read" in result.stdout + result.stderr
+
+
+def test_relative_camera_files_are_taken_from_the_settings_folder(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent.settings import load_settings
+
+    etc = tmp_path / "etc"
+    (etc / "conf.d").mkdir(parents=True)
+    (etc / "agent.toml").write_text(
+        '[cameras.door]\nsource = "clips/door.mp4"\n[cameras.usb]\nsource = "0"\n'
+        '[cameras.dev]\nsource = "/dev/video3"\n[cameras.gate]\nsource = "rtsp://10.0.0.5/s"\n'
+        '[cameras.csi]\nsource = "videotestsrc ! videoconvert ! appsink"\n[cameras.abs]\nsource = "/srv/a.mp4"\n')
+    (etc / "conf.d" / "50-yard.toml").write_text('[cameras.yard]\nsource = "yard.mp4"\n')
+    monkeypatch.chdir(tmp_path)  # not the settings' folder
+    settings, _ = load_settings(etc / "agent.toml")
+    assert {name: cam.source for name, cam in settings.cameras.items()} == {
+        "door": str(etc / "clips" / "door.mp4"), "usb": "0", "dev": "/dev/video3", "gate": "rtsp://10.0.0.5/s",
+        "csi": "videotestsrc ! videoconvert ! appsink", "abs": "/srv/a.mp4",
+        "yard": str(etc / "conf.d" / "yard.mp4")}
 
 
 def test_check_config_masks_camera_passwords(tmp_path: Path) -> None:

@@ -26,11 +26,13 @@ LOOP_TIMEOUT_S = 0.2
 class BrokerLink:
     """The daemon's connection: status will, request subscriptions, QoS 1 publishing.
 
+    `will_payload()` is asked before every (re)connect: the broker keeps the will a CONNECT
+    carried for that connection, and MQTT has no way to change it on a live one.
     `shared_topic` (a `$share/<group>/...` filter) is subscribed and dropped together with
     the request topic: the broker hands each message on it to one member of the group."""
 
     def __init__(self, settings: MqttSettings, client_id: str, *, request_topic: str,
-                 will_topic: str, will_payload: bytes, on_message: Callable[[Incoming], None],
+                 will_topic: str, will_payload: Callable[[], bytes], on_message: Callable[[Incoming], None],
                  on_connected: Callable[[], None], shared_topic: str | None = None,
                  receive_maximum: int = 65535, control_topics: tuple[str, ...] = ()) -> None:
         self._settings = settings
@@ -46,7 +48,7 @@ class BrokerLink:
         self._track_lock = threading.Lock()
         self._on_acked: dict[int, tuple[Callable[[], None], str]] = {}  # mid -> (callback, topic)
         self._early_acks: dict[int, Any] = {}  # PUBACKs that beat publish() returning -> refusal
-        self._client.will_set(will_topic, will_payload, qos=1, retain=True)
+        self._will_topic, self._will_payload = will_topic, will_payload
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
@@ -221,6 +223,8 @@ class BrokerLink:
     def _connect(self) -> str | None:
         """Open the connection and send CONNECT; None, or why that failed."""
         self._last_error = None
+        # paho puts the will into the CONNECT that reconnect() builds, on this thread.
+        self._client.will_set(self._will_topic, self._will_payload(), qos=1, retain=True)
         try:
             rc = self._client.reconnect()
         except (OSError, ssl.SSLError, ValueError) as exc:
