@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -68,55 +68,55 @@ def test_killed_agent_leaves_the_last_will(broker: Broker, client: Client,
     assert doc["model"] is None  # the will of the first connect, made before the model loaded
 
 
-def test_the_will_after_a_reconnect_names_the_model(start_agent: Callable[..., AgentProcess]) -> None:
+@pytest.fixture
+def own_broker() -> Iterator[Broker]:
+    own = Broker()
+    own.start()
+    yield own
+    own.close()
+
+
+def across_a_broker_restart(own: Broker, start_agent: Callable[..., AgentProcess]
+                            ) -> tuple[AgentProcess, Client, dict[str, Any]]:
+    """An agent started on `own`, then `own` killed (it forgets every session, subscription and
+    retained message) and started again: the agent, a client watching its status (close it),
+    and the `ready` the agent republished once it had reconnected."""
+    watcher = Client(own.port)
+    agent = start_agent(own, watcher)
+    watcher.close()
+    own.stop(signal.SIGKILL)
+    own.start()
+    watcher = Client(own.port)
+    watcher.subscribe(agent.status_topic)
+    return agent, watcher, watcher.wait_for(lambda d: d.get("state") == "ready", 20)
+
+
+def test_the_will_after_a_reconnect_names_the_model(own_broker: Broker,
+                                                    start_agent: Callable[..., AgentProcess]) -> None:
     """MQTT fixes a will at connect time: each reconnect carries the status as it is then."""
-    own = Broker()
-    own.start()
+    agent, watcher, ready = across_a_broker_restart(own_broker, start_agent)
     try:
-        watcher = Client(own.port)
-        agent = start_agent(own, watcher)
-        watcher.close()
-        own.stop(signal.SIGKILL)
-        own.start()
-        watcher = Client(own.port)  # the broker forgot everything
-        try:
-            watcher.subscribe(agent.status_topic)
-            ready = watcher.wait_for(lambda d: d.get("state") == "ready", 20)  # reconnected
-            agent.stop(signal.SIGKILL)
-            will = watcher.wait_for(lambda d: d.get("state") == "offline", 20)
-        finally:
-            watcher.close()
-        assert will["device_id"] == agent.device_id and will["model"] == ready["model"] is not None
-        assert will["provider"] == ready["provider"] is not None
-        assert will["provider_reason"] == ready["provider_reason"]
+        agent.stop(signal.SIGKILL)
+        will = watcher.wait_for(lambda d: d.get("state") == "offline", 20)
     finally:
-        own.close()
+        watcher.close()
+    assert will["device_id"] == agent.device_id and will["model"] == ready["model"] is not None
+    assert will["provider"] == ready["provider"] is not None
+    assert will["provider_reason"] == ready["provider_reason"]
 
 
-def test_broker_restart_then_the_next_request_is_answered(
-        tmp_path: Path, start_agent: Callable[..., AgentProcess]) -> None:
-    own = Broker()
-    own.start()
+def test_broker_restart_then_the_next_request_is_answered(own_broker: Broker,
+                                                          start_agent: Callable[..., AgentProcess]) -> None:
+    # The broker lost everything: the agent reconnects, republishes status, resubscribes.
+    agent, pipeline, _ = across_a_broker_restart(own_broker, start_agent)
     try:
-        watcher = Client(own.port)
-        agent = start_agent(own, watcher)
-        watcher.close()
-        own.stop(signal.SIGKILL)
-        own.start()
-        pipeline = Client(own.port)
-        try:
-            pipeline.subscribe(agent.status_topic)
-            # The broker lost everything: the agent reconnects, republishes status, resubscribes.
-            pipeline.wait_for(lambda d: d.get("state") == "ready", 20)
-            pipeline.subscribe(agent.response_topic)
-            pipeline.publish(agent.request_topic, json.dumps({"id": "after", "prompt": "hi", "max_tokens": 3}))
-            doc = pipeline.wait_for(lambda d: d.get("id") == "after", 20)
-            assert doc["ok"] is True
-        finally:
-            pipeline.close()
-        assert agent.stop() == 0
+        pipeline.subscribe(agent.response_topic)
+        pipeline.publish(agent.request_topic, json.dumps({"id": "after", "prompt": "hi", "max_tokens": 3}))
+        doc = pipeline.wait_for(lambda d: d.get("id") == "after", 20)
+        assert doc["ok"] is True
     finally:
-        own.close()
+        pipeline.close()
+    assert agent.stop() == 0
 
 
 def test_agent_started_before_the_broker_connects_when_it_comes(tmp_path: Path, tiny_model: Path) -> None:
