@@ -16,9 +16,11 @@ from edge_agent.log import get_logger
 from edge_agent.protocol import encode
 
 log = get_logger("health")
-# Budget for a reload that loads a new model: the watchdog is stretched to this meanwhile,
-# as the main loop, which sends the pings, waits for the load. Matches the unit's TimeoutStartSec.
+# Budget for a reload that loads a new model: the main loop, which sends the pings, waits for
+# the load, so they come from a helper thread meanwhile, for at most this long (the unit's
+# TimeoutStartSec). It checks progress a few times a ping interval, so a ping is never late.
 RELOAD_WATCHDOG_S = 600.0
+RELOAD_CHECKS_PER_PING = 4
 
 STATES = ("starting", "ready", "degraded", "stopping", "offline")
 
@@ -181,22 +183,36 @@ class SystemdService:
 
     @contextmanager
     def reloading(self, budget_s: float = RELOAD_WATCHDOG_S) -> Iterator[None]:
-        """RELOADING=1 ... READY=1 around a reload; the main loop cannot ping while a new model
-        loads, so the watchdog is stretched to `budget_s` meanwhile."""
+        """RELOADING=1 ... READY=1 around a reload. The main loop, which sends the pings, waits
+        for the reload (a new model may take minutes to load), so a helper thread sends them
+        meanwhile, on the same terms: only while `progressing()`, and for at most `budget_s`
+        (a reload stuck past that stops them). Never a stretched WATCHDOG_USEC: that would
+        vouch for minutes ahead, and a part that wedged meanwhile would go unnoticed."""
         if self.ready_sent:  # before READY=1, systemd is still waiting for start-up
             self._notifier.reloading("reloading settings")
-        # Stretching counts as a ping: never do it for a part that is already stuck.
-        stretched = bool(self.ping_every_s) and self._progressing()
-        if stretched:
-            self._notifier.watchdog_timeout(budget_s)
+        done, pinger = threading.Event(), None
+        if self.ping_every_s:
+            pinger = threading.Thread(target=self._ping_while_reloading, args=(done, budget_s),
+                                      name="watchdog-reload", daemon=True)
+            pinger.start()
         try:
             yield
         finally:
-            if stretched and self.ping_every_s:
-                self._notifier.watchdog_timeout(self.ping_every_s * 2)
-                self._next_ping = self._clock() + self.ping_every_s
+            done.set()
+            if pinger is not None:
+                pinger.join()
             if self.ready_sent:
                 self._notifier.ready("ready")
+
+    def _ping_while_reloading(self, done: threading.Event, budget_s: float) -> None:
+        assert self.ping_every_s is not None
+        until = self._clock() + budget_s
+        while not done.is_set():
+            if self._clock() >= until:
+                log.error("watchdog.withheld", reason="the reload ran past its budget", budget_s=budget_s)
+                return
+            self._ping_if_due()
+            done.wait(self.ping_every_s / RELOAD_CHECKS_PER_PING)
 
     def stopping(self) -> None:
         self._notifier.stopping("stopping")

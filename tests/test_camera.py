@@ -189,6 +189,24 @@ def test_file_camera_is_paced_and_rotated(clip: Path, cameras: Callable[..., Cam
     assert 0.03 < frames[1].captured_mono - frames[0].captured_mono < 0.15  # 15 fps, not disk speed
 
 
+def test_a_frame_older_than_max_frame_age_is_never_handed_out(tmp_path: Path,
+                                                               cameras: Callable[..., Camera]) -> None:
+    """2 fps: a request 300 ms after a frame finds it too old (200 ms) and waits for the next."""
+    slow = make_clip(tmp_path / "slow.mp4", seconds=4.0, size="160x120", fps=2)
+    cam = cameras(str(slow), max_frame_age_ms=200, fresh_wait_ms=1500)
+    first, newer = cam.fresh_frame(), 0
+    for _ in range(3):
+        time.sleep(max(0.0, first.captured_mono + 0.3 - time.monotonic()))  # the next grab is 200 ms off
+        try:
+            frame = cam.fresh_frame()
+        except StaleFrame:
+            continue  # as good an answer as a newer frame; never the old one
+        age = frame.age_ms()
+        assert frame.seq > first.seq and age <= 200, (frame.seq, first.seq, age)
+        first, newer = frame, newer + 1
+    assert newer  # fresh_wait_ms spans three frame intervals: a newer frame comes in time
+
+
 def test_camera_set(live: UdpStream, clip: Path) -> None:
     cams = CameraSet({"front": CameraSettings(source=live.url, **FAST),
                       "replay": CameraSettings(source=str(clip), **FAST)})

@@ -13,25 +13,48 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from faults import fault_hooks_env
 from support import AgentProcess, Broker, Client, cuda_missing
 
 
 def test_queue_full_answers_busy_at_once_and_loses_nothing(
-        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
-    agent = start_agent(broker, client, limits__queue_size=1, model__max_new_tokens=400)
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """One request runs (max_batch 1, SLOW: a second in the model), exactly queue_size wait,
+    the next is answered busy at once; every accepted one is answered."""
+    queue_size = 3
+    agent = start_agent(broker, client, limits__queue_size=queue_size, inference__max_batch=1,
+                        env=fault_hooks_env(tmp_path / "hooks"))
     client.subscribe(agent.response_topic)
-    ids = [f"burst-{i}" for i in range(40)]
-    for rid in ids:
-        client.client.publish(agent.request_topic, json.dumps({"id": rid, "prompt": "~ " * 50}), qos=1)
-    answers: dict[str, dict[str, Any]] = {}
-    while len(answers) < len(ids):
+
+    def send(rid: str, prompt: str = "hi") -> None:
+        client.client.publish(agent.request_topic, json.dumps({"id": rid, "prompt": prompt, "max_tokens": 2}), qos=1)
+
+    def accepted() -> dict[str, int]:
+        return {line["request_id"]: line["queue_depth"] for line in agent.log_lines()
+                if line.get("event") == "request.accepted"}
+
+    send("running", "SLOW")
+    deadline = time.monotonic() + 10
+    while "running" not in accepted():
+        assert time.monotonic() < deadline, "the first request was not accepted"
+        time.sleep(0.02)
+    time.sleep(0.2)  # the worker takes it at once; it stays a second in the model
+    waiting = [f"waiting-{i}" for i in range(queue_size)]
+    sent = time.monotonic()
+    for rid in [*waiting, "one-too-many"]:
+        send(rid)
+    busy = client.wait_for(lambda d: "id" in d, 5)
+    assert busy["id"] == "one-too-many" and time.monotonic() - sent < 0.9  # before "running" is done
+    assert busy["error"]["code"] == "busy" and busy["error"]["retry_after_ms"] > 0
+    assert f"queue full ({queue_size} waiting)" in busy["error"]["message"]
+    answers = {}
+    while len(answers) < queue_size + 1:
         doc = client.wait_for(lambda d: "id" in d)
         assert doc["id"] not in answers, "two answers for one request"
         answers[doc["id"]] = doc
-    codes = [a["error"]["code"] if not a["ok"] else "ok" for a in answers.values()]
-    assert set(codes) == {"ok", "busy"}
-    busy = next(a for a in answers.values() if not a["ok"])
-    assert busy["error"]["retry_after_ms"] > 0 and "queue full (1 waiting)" in busy["error"]["message"]
+    assert set(answers) == {"running", *waiting} and all(a["ok"] for a in answers.values())
+    # Each waited behind the running one: the queue held 1, 2, ... queue_size.
+    assert [accepted()[rid] for rid in waiting] == list(range(1, queue_size + 1))
 
 
 def test_sigterm_finishes_the_running_request_and_publishes_offline(

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from edge_agent.errors import BadRequest, ErrorCode, TooLarge
 from edge_agent.prompts import PromptTemplate, render_template, template_fields
 from edge_agent.protocol import (REQUEST_FIELDS, RequestError, RequestLimits, Topics, choose_reply_topic,
-                                 encode, error_payload, parse_request, topic_matches)
+                                 encode, error_payload, parse_cancel, parse_request, topic_matches)
 from edge_agent.strictjson import MAX_JSON_DEPTH, decode_json_object
 
 LIMITS = RequestLimits(max_payload_bytes=65536, max_prompt_chars=2000, max_tokens_cap=256, max_timeout_s=60)
@@ -65,6 +65,80 @@ def test_reply_topic_precedence_and_default() -> None:
 def test_error_payload_shape() -> None:
     doc = json.loads(error_payload("q", ErrorCode.BUSY, "full", retry_after_ms=1000))
     assert doc == {"id": "q", "ok": False, "error": {"code": "busy", "message": "full", "retry_after_ms": 1000}}
+
+
+# --- numbers out of range, duplicate keys: refused by the parser itself ---------------------------------
+VISION = RequestLimits(max_payload_bytes=65536, max_prompt_chars=2000, max_tokens_cap=256, max_timeout_s=60,
+                       max_images=8, camera_names=frozenset({"door"}))
+FIELD_RANGES = [  # field, the edges it takes, just past them, and the words of the refusal
+    ("max_tokens", [1, 256], [0, 257, -3, 2**63], "[1, 256]"),
+    ("temperature", [0, 5.0, 0.7], [-0.001, 5.001, 1e300], "[0, 5]"),
+    ("top_p", [1, 1e-9], [0, -1, 1.0001], "(0, 1]"),
+    ("top_k", [1, 100_000], [0, 100_001], "[1, 100000]"),
+    ("seed", [0, 2**31 - 1], [-1, 2**31], "[0, 2.14748e+09]"),
+    ("timeout_s", [60, 0.001], [0, -1, 60.001, 10**9], "(0, 60]"),
+    ("frames", [1, 8], [0, 9, 100], "[1, 8]"),
+    ("interval_ms", [0, 10_000], [-1, 10_001], "[0, 10000]"),
+]
+
+
+def _with(field: str, value: object) -> bytes:
+    fields = {"camera": "door"} if field in ("frames", "interval_ms") else {}
+    return encode({"id": "r", "prompt": "hi", **fields, field: value})
+
+
+@pytest.mark.parametrize("field, edges, past, words", FIELD_RANGES, ids=[f[0] for f in FIELD_RANGES])
+def test_numbers_at_the_edges_are_taken_and_past_them_refused(field: str, edges: list, past: list,
+                                                               words: str) -> None:
+    for value in edges:
+        assert getattr(parse_request(_with(field, value), VISION), field) == value
+    for value in past:
+        with pytest.raises(RequestError) as info:
+            parse_request(_with(field, value), VISION)
+        assert info.value.code is ErrorCode.BAD_REQUEST and info.value.request_id == "r"
+        assert info.value.message.startswith(f"'{field}' must be in {words}, got "), info.value.message
+
+
+@pytest.mark.parametrize("payload, words", [
+    (b'{"id": "r", "prompt": "x", "temperature": 1e999}', "number 1e999 is out of range"),
+    (b'{"id": "r", "prompt": "x", "top_p": -1E400}', "is out of range"),
+    (b'{"id": "r", "prompt": "x", "temperature": NaN}', "NaN is not a number JSON allows"),
+    (b'{"id": "r", "prompt": "x", "seed": Infinity}', "Infinity is not a number JSON allows"),
+    (b'{"id": "r", "prompt": "x", "max_tokens": ' + b"9" * 21 + b"}", "integer with 21 digits is too large"),
+    (b'{"id": "r", "prompt": "x", "max_tokens": -' + b"9" * 21 + b"}", "integer with 22 digits is too large"),
+])
+def test_numbers_json_cannot_hold_are_refused_before_any_field(payload: bytes, words: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_request(payload, LIMITS)
+    assert info.value.code is ErrorCode.BAD_REQUEST and words in info.value.message
+    assert info.value.request_id is None  # nothing of a payload that did not decode is trusted
+
+
+def test_twenty_digit_integers_still_decode_and_meet_the_field_range() -> None:
+    with pytest.raises(RequestError, match=r"'seed' must be in .*, got 99999999999999999999"):
+        parse_request(b'{"prompt": "x", "seed": ' + b"9" * 20 + b"}", LIMITS)
+
+
+@pytest.mark.parametrize("payload, key", [
+    (b'{"id": "a", "prompt": "x", "prompt": "y"}', "prompt"),
+    (b'{"id": "a", "id": "b", "prompt": "y"}', "id"),
+    (b'{"prompt": "x", "max_tokens": 5, "max_tokens": 5}', "max_tokens"),  # even with equal values
+    (b'{"messages": [{"role": "user", "role": "system", "content": "x"}]}', "role"),
+    (b'{"template": "door", "vars": {"door": "front", "door": "back"}}', "door"),
+    (b'{"prompt": "x", "response_format": {"type": "json_object", "type": "text"}}', "type"),
+])
+def test_duplicate_keys_at_any_depth_are_refused(payload: bytes, key: str) -> None:
+    """json.loads would keep the last one: what a logger or a proxy reads first would differ
+    from what the agent runs."""
+    with pytest.raises(RequestError) as info:
+        parse_request(payload, OPEN)
+    assert info.value.code is ErrorCode.BAD_REQUEST and info.value.message == f"duplicate key {key!r}"
+
+
+def test_a_cancel_with_a_duplicate_id_is_refused() -> None:
+    with pytest.raises(BadRequest, match="duplicate key 'id'"):
+        parse_cancel(b'{"id": "a", "id": "b"}', 1024)
+    assert parse_cancel(b'{"id": "a"}', 1024) == "a"
 
 
 json_values = st.recursive(

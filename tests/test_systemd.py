@@ -28,6 +28,7 @@ from edge_agent.health import SystemdNotifier, SystemdService
 from edge_agent.protocol import parse_request
 from edge_agent.scheduler import Scheduler
 from edge_agent.settings import Settings
+from faults import fault_hooks_env
 from support import REPO, AgentProcess, Broker, Client
 
 UNIT = REPO / "systemd" / "edge-agent.service"
@@ -164,17 +165,37 @@ def test_ready_once_and_pings_every_half_interval_while_progressing(notify_socke
     assert notify_socket.receive() == {"WATCHDOG": "1"}  # and READY=1 was not repeated
 
 
-def test_reload_says_reloading_and_stretches_the_watchdog(notify_socket: NotifySocket) -> None:
-    notifier = SystemdNotifier({"NOTIFY_SOCKET": notify_socket.env_value, "WATCHDOG_USEC": "30000000"})
-    service = SystemdService(notifier, lambda: True, FakeClock())
+def test_reload_pings_only_while_the_parts_progress_and_never_stretches(notify_socket: NotifySocket) -> None:
+    """The main loop waits for the reload: a helper pings for it, on the same terms."""
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": notify_socket.env_value, "WATCHDOG_USEC": "400000"})
+    progressing = [True]
+    service = SystemdService(notifier, lambda: progressing[0])
     service.tick(serving=True)
-    notify_socket.collect(0.2)
-    with service.reloading(budget_s=600):
-        first, second = notify_socket.receive(), notify_socket.receive()
-        assert first["RELOADING"] == "1" and "MONOTONIC_USEC" in first
-        assert second == {"WATCHDOG_USEC": "600000000"}
-    assert notify_socket.receive() == {"WATCHDOG_USEC": "30000000"}
-    assert notify_socket.receive() == {"READY": "1", "STATUS": "ready"}
+    notify_socket.collect(0.1)  # READY=1 and a ping
+    with capture_logs() as logs:
+        with service.reloading(budget_s=600):
+            first = notify_socket.receive()
+            assert first["RELOADING"] == "1" and "MONOTONIC_USEC" in first
+            pings = notify_socket.collect(0.7)
+            assert 2 <= len(pings) <= 5 and all(m == {"WATCHDOG": "1"} for m in pings)  # every 0.2 s
+            progressing[0] = False  # a part wedges while the reload goes on
+            notify_socket.collect(0.1)  # a ping decided just before
+            assert notify_socket.collect(0.8) == []
+        assert notify_socket.receive() == {"READY": "1", "STATUS": "ready"}
+        assert notify_socket.collect(0.3) == []  # no WATCHDOG_USEC on the way out either
+    assert [e["event"] for e in logs] == ["watchdog.withheld"]
+
+
+def test_reload_past_its_budget_stops_the_pings(notify_socket: NotifySocket) -> None:
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": notify_socket.env_value, "WATCHDOG_USEC": "400000"})
+    service = SystemdService(notifier, lambda: True)
+    with capture_logs() as logs:
+        with service.reloading(budget_s=0.5):  # before READY=1: no RELOADING=1 either
+            assert 2 <= len(notify_socket.collect(0.5)) <= 4
+            assert notify_socket.collect(0.6) == []  # a reload stuck past its budget: no more
+    assert [e["event"] for e in logs] == ["watchdog.withheld"]
+    service.tick(serving=False)  # the main loop is back
+    assert notify_socket.receive() == {"WATCHDOG": "1"}
 
 
 # --- liveness of the parts ----------------------------------------------------------------------
@@ -366,6 +387,38 @@ def test_daemon_with_a_wedged_mqtt_loop_stops_the_pings(
         sock.close()
 
 
+def test_daemon_reloading_with_a_wedged_mqtt_loop_sends_no_ping_and_no_stretch(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """A reload that loads a new model (5 s) is under way when the MQTT loop wedges: the pings
+    stop as they would outside a reload, and no WATCHDOG_USEC buys the wedged daemon minutes."""
+    env = fault_hooks_env(tmp_path / "hooks", slow_load_s=5.0)
+    with (tmp_path / "hooks" / "sitecustomize.py").open("a") as hooks:
+        hooks.write(WEDGE_SITECUSTOMIZE)
+    trigger = tmp_path / "wedge"
+    sock = NotifySocket()
+    try:
+        agent = start_agent(broker, client, inference__max_batch=1, env={
+            **env, "NOTIFY_SOCKET": sock.env_value, "WATCHDOG_USEC": "1000000", "WEDGE_MQTT_FILE": str(trigger)})
+        sock.wait_for("READY", 10)
+        agent.rewrite(inference__max_batch=2)  # a new model engine: loaded while the old one serves
+        _, before = sock.wait_for("RELOADING", 10)
+        during = _timed(sock, 1.2)
+        assert [m for _, m in during] and all(m == {"WATCHDOG": "1"} for _, m in during)  # pinged for
+        trigger.touch()
+        wedged_at = time.monotonic()
+        after = _timed(sock, 10.0, until="READY")  # the reload ends meanwhile
+        assert after and "READY" in after[-1][1] and after[-1][0] - wedged_at > 2.0, after
+        after += _timed(sock, 2.0)
+        assert not [m for m in before + [m for _, m in during + after] if "WATCHDOG_USEC" in m]
+        # Noticed 1 s after the loop's last turn (MQTT_LOOP_STALE_S), a ping interval at most later.
+        late = [(round(t - wedged_at, 2), m) for t, m in after if "WATCHDOG" in m and t - wedged_at > 1.9]
+        assert late == []
+        assert "watchdog.withheld" in _events(agent)
+        assert agent.proc is not None and agent.proc.poll() is None
+    finally:
+        sock.close()
+
+
 # --- credentials ---------------------------------------------------------------------------------
 def test_blank_credential_placeholder_counts_as_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The unit's SetCredential= fallback for a missing file is a blank line."""
@@ -415,6 +468,21 @@ def test_unit_has_what_the_daemon_relies_on() -> None:
 # --- helpers -------------------------------------------------------------------------------------
 def _events(agent: AgentProcess) -> list[str | None]:
     return [e.get("event") for e in agent.log_lines()]
+
+
+def _timed(sock: NotifySocket, seconds: float, until: str | None = None) -> list[tuple[float, dict[str, str]]]:
+    """What arrives within `seconds` (or up to the first message with `until`), with arrival times."""
+    out: list[tuple[float, dict[str, str]]] = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            message = sock.receive(left)
+        except TimeoutError:
+            break
+        out.append((time.monotonic(), message))
+        if until is not None and until in out[-1][1]:
+            break
+    return out
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
