@@ -97,11 +97,6 @@ class SystemdNotifier:
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
 
-    def watchdog_timeout(self, seconds: float) -> bool:
-        """Change the watchdog timeout at run time (WATCHDOG_USEC=); systemd restarts the
-        watchdog's clock on it, so it also counts as a ping."""
-        return self.send(f"WATCHDOG_USEC={int(seconds * 1_000_000)}")
-
     def send(self, *fields: str) -> bool:
         if self._address is None or not fields:
             return False

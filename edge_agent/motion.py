@@ -17,6 +17,7 @@ import threading
 from collections import deque
 from typing import Callable, Literal
 
+import edge_agent.opencv_env  # noqa: F401 - OpenCV's process-wide settings before cv2 loads
 import cv2
 import numpy as np
 
