@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from edge_agent import log as logging_setup
 from edge_agent.errors import Unavailable
@@ -232,6 +232,16 @@ class Agent:
     def ack(self, incoming: Incoming) -> None:
         self.link.ack(incoming)
 
+    def republish(self, topic: str, incoming: Incoming, *, expiry_s: int | None,
+                  user_properties: tuple[tuple[str, str], ...], on_refused: Callable[[str], None]) -> None:
+        """A request passed on unanswered. Its delivery is acknowledged (on the link it came
+        in on) only once the broker has the copy: a crash in between means it comes again."""
+        link = self.link
+        link.publish(topic, incoming.payload, qos=1, correlation_data=incoming.correlation_data,
+                     response_topic=incoming.response_topic, expiry_s=expiry_s,
+                     user_properties=user_properties, on_acked=lambda: link.ack(incoming),
+                     on_refused=on_refused)
+
     def _process(self, job: Job, handler: RequestHandler | None = None) -> None:
         handler = handler or self.handler
         assert handler is not None
@@ -341,7 +351,8 @@ class Agent:
                 "delivery": self.delivery.stats(), "inference_restarts": self.engine.crashes,
                 "watch": self.watcher.info(),
                 "remote": self.engine.info() if isinstance(self.engine, OpenAIServer) else None,
-                "overflow": self.overflow.info() if self.overflow is not None else None}
+                "overflow": self.overflow.info() if self.overflow is not None else None,
+                "fleet": self.intake.fleet_info() if self.settings.mqtt.shared_group else None}
 
 
 def request_limits(settings: Settings) -> RequestLimits:

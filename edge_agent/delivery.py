@@ -118,6 +118,22 @@ class Delivery:
         for (extra_topic, extra_correlation), extra_row in zip(elsewhere, extra_rows):
             self._publish(extra_topic, payload, extra_correlation, extra_row)
 
+    def release(self, request_id: str, id_given: bool) -> bool:
+        """A request admitted here that leaves unanswered (a full fleet member passes it back to
+        the pool): its id is forgotten, so that the broker handing it to this agent again is a
+        new request, not a duplicate waiting for an answer no one will give. Its delivery is not
+        acknowledged here. False if the store could not forget it: then it must stay here."""
+        if not id_given:
+            return True
+        with self._lock:
+            try:
+                self._store.forget(request_id)
+            except StoreError as exc:
+                self._store_failed("forget", exc)
+                return False
+            self._waiting.pop(request_id, None)
+        return True
+
     def _put(self, topic: str, payload: bytes, correlation: bytes | None) -> int | None:
         """An outbox row for an answer about to be published; None if the store fails."""
         try:

@@ -25,6 +25,8 @@ from edge_agent.stats import Stats
 
 log = get_logger("intake")
 BUSY_RETRY_AFTER_MS = 1000
+# MQTT 5 User Property on a fleet request passed back to the pool: how many members did so
+HOPS_PROPERTY = "edge-agent-hops"
 
 
 class Host(Protocol):
@@ -40,6 +42,11 @@ class Host(Protocol):
 
     def ack(self, incoming: Incoming) -> None: ...
 
+    def republish(self, topic: str, incoming: Incoming, *, expiry_s: int | None,
+                  user_properties: tuple[tuple[str, str], ...], on_refused: Callable[[str], None]) -> None:
+        """Publish `incoming` again, as it came (payload, Response Topic, Correlation Data), and
+        acknowledge it once the broker has the copy; `on_refused` if the broker refuses it."""
+
 
 class Intake:
     def __init__(self, host: Host, delivery: Delivery, in_flight: InFlight, stats: Stats) -> None:
@@ -47,6 +54,8 @@ class Intake:
         self._delivery = delivery
         self._in_flight = in_flight
         self._stats = stats
+        self.handed_back = 0  # fleet requests passed back to the pool (queue full)
+        self.hop_limit_reached = 0  # ... that could not be: passed on too often already
 
     # --- MQTT requests -------------------------------------------------------------------
     def take_request(self, incoming: Incoming) -> None:
@@ -95,10 +104,54 @@ class Intake:
             if self._enqueue(job):
                 log.info("request.accepted", queue_depth=host.scheduler.depth, reply_topic=topic)
                 return
-            if self._overflow(job, "busy"):
-                return
-            self.reply_error(topic, request, Busy(f"queue full ({host.settings.limits.queue_size} waiting)"),
-                             incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
+            if not self._hand_back(job, incoming):
+                self._overflow_or_busy(job, incoming)
+
+    def _overflow_or_busy(self, job: Job, incoming: Incoming) -> None:
+        """A request the queue has no room for: the overflow server's, else answered `busy`."""
+        if self._overflow(job, "busy"):
+            return
+        reason = f"queue full ({self._host.settings.limits.queue_size} waiting)"
+        hops = hops_of(incoming) if incoming.topic == self._host.topics.fleet_request else 0
+        if hops:
+            reason += f"; passed on {hops} times in the fleet already"
+        self.reply_error(job.reply_topic, job.request, Busy(reason), incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
+
+    def _hand_back(self, job: Job, incoming: Incoming) -> bool:
+        """A fleet request that finds the queue full goes back to the pool (the broker hands it
+        to a member again, maybe this one) rather than be refused while another member is idle:
+        re-published with its properties, the remaining expiry and one hop more. MQTT 5 only
+        (3.1.1 has no property to count hops in); at `mqtt.fleet_max_hops` it stays here."""
+        host = self._host
+        mqtt = host.settings.mqtt
+        if incoming.topic != host.topics.fleet_request or mqtt.protocol != "5" or mqtt.fleet_max_hops == 0:
+            return False
+        hops = hops_of(incoming)
+        if hops >= mqtt.fleet_max_hops:
+            self.hop_limit_reached += 1
+            log.info("request.hop_limit", hops=hops, fleet_max_hops=mqtt.fleet_max_hops)
+            return False
+        expiry_s = remaining_expiry_s(incoming.expiry_s, job.received_at)
+        if expiry_s == 0:  # would expire on the way (and 0 on the wire means "never")
+            return False
+        # Forgotten before the copy leaves: it may come back to this agent as a new request.
+        if not self._delivery.release(job.request.id, job.request.id_given):
+            return False
+        self.handed_back += 1
+        log.info("request.handed_back", hops=hops + 1, expiry_s=expiry_s,
+                 queue_size=host.settings.limits.queue_size)
+        properties = tuple(p for p in incoming.user_properties if p[0] != HOPS_PROPERTY)
+        host.republish(host.topics.fleet_request, incoming, expiry_s=expiry_s,
+                       user_properties=(*properties, (HOPS_PROPERTY, str(hops + 1))),
+                       on_refused=lambda reason: self._hand_back_refused(job, incoming, reason))
+        return True
+
+    def _hand_back_refused(self, job: Job, incoming: Incoming, reason: str) -> None:
+        """The broker refused the copy (an ACL that lets members subscribe, not publish, to
+        the fleet topic): the request stays with this agent after all. Network thread."""
+        with structlog.contextvars.bound_contextvars(request_id=job.request.id):
+            log.warning("request.hand_back_refused", reason=reason)
+            self._overflow_or_busy(job, incoming)
 
     def take_cancel(self, incoming: Incoming) -> None:
         """`{"id"}` on the cancel topic: that request ends, answered with the text it has.
@@ -131,6 +184,9 @@ class Intake:
         job = Job(request, "", None, received, deadline(received, timeout_s, None),
                   background=background, on_done=on_done)
         return self._enqueue(job)
+
+    def fleet_info(self) -> dict[str, int]:
+        return {"handed_back": self.handed_back, "hop_limit_reached": self.hop_limit_reached}
 
     def _overflow(self, job: Job, reason: str) -> bool:
         overflow = self._host.overflow
@@ -176,6 +232,26 @@ class Intake:
                                       self._host.settings.mqtt.reply_topic_allow)
         except AgentError:
             return default
+
+
+def hops_of(incoming: Incoming) -> int:
+    """How many fleet members passed this request on before (0: none, or unreadable)."""
+    for key, value in incoming.user_properties:
+        if key == HOPS_PROPERTY:
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return 0
+    return 0
+
+
+def remaining_expiry_s(expiry_s: int | None, received: float) -> int | None:
+    """What is left of a Message Expiry Interval (the broker already took off its own wait),
+    to the nearest second (MQTT counts whole seconds; rounding down would take up to a second
+    off at every hop). None: it never expires."""
+    if expiry_s is None:
+        return None
+    return max(0, round(expiry_s - (time.monotonic() - received)))
 
 
 def deadline(received: float, timeout_s: float | None, expiry_s: int | None) -> float | None:

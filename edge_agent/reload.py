@@ -24,7 +24,7 @@ log = get_logger("reload")
 LIVE, LOGGING, CAMERAS, MQTT, MODEL = "live", "logging", "cameras", "mqtt", "model"
 WATCH, HOME_ASSISTANT, OVERFLOW = "watch", "homeassistant", "overflow"
 MODEL_KEYS = ("backend", "path", "provider", "provider_options", "fallback")
-LIVE_MQTT_KEYS = ("reply_topic_allow",)
+LIVE_MQTT_KEYS = ("reply_topic_allow", "fleet_max_hops")
 # watchdog 5+ reports a file being opened and closed unwritten (inotify): reading the settings
 # to reload them must not count as an edit, or one edit reloads every debounce_s for ever.
 READ_ONLY_EVENTS = frozenset({"opened", "closed_no_write"})

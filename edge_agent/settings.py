@@ -85,6 +85,9 @@ class MqttSettings(_Strict):
                                   "our session and queued requests while we are away; 0 = clean session")
     shared_group: str | None = Field(None, description="also take requests from the MQTT 5 shared "
                                      "subscription $share/<group>/<prefix>/fleet/request")
+    fleet_max_hops: int = Field(4, ge=0, le=64, description="MQTT 5: a fleet request that finds the queue "
+                                "full goes back to the pool (re-published) unless members passed it on this "
+                                "often already; then the overflow server or `busy`. 0 = never pass on")
     receive_maximum: int | None = Field(None, ge=1, le=65535, description="MQTT 5: most requests the "
                                         "broker may hand us unacknowledged; default queue_size + 32 (room "
                                         "to answer `busy` to the excess; a backlog comes paced, not at once)")

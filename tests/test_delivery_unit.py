@@ -157,3 +157,20 @@ def test_a_full_store_costs_the_guarantees_not_the_answer(tmp_path: Path) -> Non
     assert [(e["step"], e["error"]) for e in logs if e["event"] == "store.failed"] == [
         ("answer", "database or disk is full")]
     assert delivery.stats() == {"outbox": 0, "outbox_dropped": 0, "store_failures": 1}
+
+
+def test_a_released_request_is_new_when_the_broker_hands_it_back(tmp_path: Path) -> None:
+    """A full fleet member passes a request back to the pool (intake._hand_back): when the broker
+    hands it to this agent again it is a new request, not a duplicate waiting for an answer that
+    no one here will give. Releasing acknowledges nothing: the original is acknowledged once the
+    broker has the copy."""
+    store = Store(tmp_path / "state.db", outbox_max_items=100, outbox_max_age_s=3600, dedup_window_s=600)
+    link = RecordingLink()
+    delivery = Delivery(store, lambda: link, lambda: 2)  # type: ignore[arg-type,return-value]
+    assert delivery.admit("f1", True, request(1)) == NEW
+    assert delivery.release("f1", True) and link.acked == []
+    assert delivery.admit("f1", True, request(2)) == NEW
+    delivery.answer("f1", True, "p/fleet/response", b"answer", None, request(2))
+    assert link.acked == [2] and [p for _, p, _ in link.published] == [b"answer"]
+    assert delivery.release("f1", True)  # an answered id stays answered
+    assert delivery.admit("f1", True, request(3)) == DUPLICATE

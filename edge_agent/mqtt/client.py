@@ -33,6 +33,7 @@ class Incoming:
     mid: int = 0  # packet id, for the acknowledgement we send once the answer is safe
     qos: int = 0
     dup: bool = False  # the broker handed us this one before (it never saw our PUBACK)
+    user_properties: tuple[tuple[str, str], ...] = ()  # MQTT 5 User Property pairs, in order
 
 
 def new_client(settings: MqttSettings, client_id: str, *, persistent: bool = False) -> paho.Client:
@@ -99,7 +100,9 @@ def incoming(message: paho.MQTTMessage) -> Incoming:
     response_topic = getattr(props, "ResponseTopic", None) if props else None
     correlation = getattr(props, "CorrelationData", None) if props else None
     expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+    user = getattr(props, "UserProperty", None) if props else None
     return Incoming(message.topic, bytes(message.payload), response_topic, correlation, expiry,
-                    message.mid, message.qos, bool(message.dup))
+                    message.mid, message.qos, bool(message.dup),
+                    tuple((str(k), str(v)) for k, v in user or ()))
 
 

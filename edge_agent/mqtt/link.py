@@ -46,7 +46,8 @@ class BrokerLink:
         self._client = new_client(settings, client_id, persistent=True)
         self._client.on_publish = self._handle_publish
         self._track_lock = threading.Lock()
-        self._on_acked: dict[int, tuple[Callable[[], None], str]] = {}  # mid -> (callback, topic)
+        # mid -> (on_acked, topic, on_refused)
+        self._on_acked: dict[int, tuple[Callable[[], None], str, Callable[[str], None] | None]] = {}
         self._early_acks: dict[int, Any] = {}  # PUBACKs that beat publish() returning -> refusal
         self._will_topic, self._will_payload = will_topic, will_payload
         self._client.on_connect = self._handle_connect
@@ -136,34 +137,50 @@ class BrokerLink:
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                 correlation_data: bytes | None = None, qos: int = 1,
-                on_acked: Callable[[], None] | None = None) -> paho.MQTTMessageInfo:
+                on_acked: Callable[[], None] | None = None, response_topic: str | None = None,
+                expiry_s: int | None = None, user_properties: tuple[tuple[str, str], ...] = (),
+                on_refused: Callable[[str], None] | None = None) -> paho.MQTTMessageInfo:
         """QoS 1 (default) and 2: paho queues it while disconnected and sends it after reconnect;
-        `on_acked` runs on the network thread when the broker's PUBACK (QoS 2: PUBCOMP) arrives.
-        QoS 0 is dropped while disconnected: for data that is stale by the time we are back."""
+        `on_acked` runs on the network thread when the broker's PUBACK (QoS 2: PUBCOMP) arrives,
+        `on_refused` (if given) instead of it when that acknowledgement refuses the message.
+        QoS 0 is dropped while disconnected: for data that is stale by the time we are back.
+        The MQTT 5 properties are left out on 3.1.1, which has none."""
         props = None
-        if self._v5 and correlation_data is not None:
+        if self._v5 and (correlation_data is not None or response_topic or expiry_s or user_properties):
             props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = correlation_data
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if expiry_s:
+                props.MessageExpiryInterval = expiry_s
+            for pair in user_properties:  # each assignment adds one pair
+                props.UserProperty = pair
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         # Every publish is tracked (QoS 0 "acks" when written), so no stale early ack can
         # match a packet id paho reuses later.
-        self._track(info.mid, on_acked or _nothing, topic)
+        self._track(info.mid, on_acked or _nothing, topic, on_refused)
         return info
 
-    def _track(self, mid: int, callback: Callable[[], None], topic: str) -> None:
+    def _track(self, mid: int, callback: Callable[[], None], topic: str,
+               on_refused: Callable[[str], None] | None = None) -> None:
         with self._track_lock:
             refusal = self._early_acks.pop(mid, _NOT_YET)
             if refusal is _NOT_YET:
-                self._on_acked[mid] = (callback, topic)
+                self._on_acked[mid] = (callback, topic, on_refused)
                 return
-        self._acked(callback, topic, refusal)
+        self._acked(callback, topic, on_refused, refusal)
 
     @staticmethod
-    def _acked(callback: Callable[[], None], topic: str, refusal: Any) -> None:
+    def _acked(callback: Callable[[], None], topic: str, on_refused: Callable[[str], None] | None,
+               refusal: Any) -> None:
         if refusal is not None:
             # MQTT 5: the broker took the packet but refuses the message (an ACL: "Not
             # authorized"). Sending it again would be refused again: say so, and let it go.
             log.error("mqtt.publish_refused", topic=topic, reason=str(refusal))
+            if on_refused is not None:
+                on_refused(str(refusal))
+                return
         callback()
 
     def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
