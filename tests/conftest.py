@@ -18,12 +18,23 @@ def smollm2_model() -> Path:
     return build_model("smollm2")
 
 
-@pytest.fixture(scope="session")
-def broker() -> Iterator[Broker]:
+def _running_broker() -> Iterator[Broker]:
     server = Broker()
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    """The mosquitto most tests share."""
+    yield from _running_broker()
+
+
+@pytest.fixture(scope="module")
+def module_broker() -> Iterator[Broker]:
+    """A mosquitto of the module's own: its retained messages and sessions stay there."""
+    yield from _running_broker()
 
 
 @pytest.fixture

@@ -59,6 +59,7 @@ def test_discovery_is_retained_complete_and_refreshed_on_birth(broker: Broker, a
         assert by_topic[f"{base}/ha/prompt"]["p"] == "text"
         assert by_topic[f"{base}/status"]["dev_cla"] == "connectivity"
         assert len(cmps) == 8  # connectivity, tokens/s, queue depth, motion, 2 rules, prompt, answer
+        collect(ha, 1.0)  # the agent announces on connect and once ready: let both pass
         ha.publish("homeassistant/status", "online")  # HA's birth: it may have lost its state
         assert discovery(ha, agent) == doc
         ha.publish("homeassistant/status", "offline")

@@ -114,17 +114,8 @@ def hass_exe(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture(scope="module")
-def ha_broker() -> Iterator[Broker]:
-    """A mosquitto of this module's own: its retained discovery and states stay here."""
-    broker = Broker()
-    broker.start()
-    yield broker
-    broker.close()
-
-
-@pytest.fixture(scope="module")
-def ha(hass_exe: Any, ha_broker: Broker, request: pytest.FixtureRequest) -> Iterator[HomeAssistant]:
-    server = HomeAssistant(hass_exe, ha_broker.port, extra_config=AUTOMATION)
+def ha(hass_exe: Any, module_broker: Broker, request: pytest.FixtureRequest) -> Iterator[HomeAssistant]:
+    server = HomeAssistant(hass_exe, module_broker.port, extra_config=AUTOMATION)
     try:
         _report(request, f"homeassistant: started in {server.start():.1f} s")
         yield server
@@ -133,8 +124,8 @@ def ha(hass_exe: Any, ha_broker: Broker, request: pytest.FixtureRequest) -> Iter
 
 
 @pytest.fixture(scope="module")
-def agent(ha_broker: Broker) -> Iterator[Announcer]:
-    announcer = Announcer(ha_broker.port)
+def agent(module_broker: Broker) -> Iterator[Announcer]:
+    announcer = Announcer(module_broker.port)
     yield announcer
     announcer.client.close()
 

@@ -33,14 +33,6 @@ CASES = hostile_inputs()
 
 
 @pytest.fixture(scope="module")
-def hostile_broker() -> Iterator[Broker]:
-    server = Broker()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def vision_model() -> Path:
     return build_model("tiny-vision")
 
@@ -52,10 +44,10 @@ def camera_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def agent(hostile_broker: Broker, vision_model: Path, camera_settings: dict[str, Any],
+def agent(module_broker: Broker, vision_model: Path, camera_settings: dict[str, Any],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    watcher = Client(hostile_broker.port)
-    proc = AgentProcess(tmp_path_factory.mktemp("hostile"), hostile_broker.port, vision_model,
+    watcher = Client(module_broker.port)
+    proc = AgentProcess(tmp_path_factory.mktemp("hostile"), module_broker.port, vision_model,
                         cameras=camera_settings, **AGENT_SETTINGS)
     proc.start(watcher)
     watcher.close()
@@ -64,9 +56,9 @@ def agent(hostile_broker: Broker, vision_model: Path, camera_settings: dict[str,
 
 
 @pytest.fixture(scope="module")
-def pipeline(hostile_broker: Broker, agent: AgentProcess) -> Iterator[Client]:
+def pipeline(module_broker: Broker, agent: AgentProcess) -> Iterator[Client]:
     """One for the module: answers are matched by correlation data, never by order."""
-    c = Client(hostile_broker.port)
+    c = Client(module_broker.port)
     # Without it Nagle holds each request behind the PUBACK sent just before (+40 ms).
     c.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     c.subscribe(agent.response_topic)
@@ -162,7 +154,7 @@ def probe_requests(probe: Path) -> list[dict[str, Any]]:
     ]
 
 
-def test_no_request_field_reaches_the_filesystem(hostile_broker: Broker, vision_model: Path,
+def test_no_request_field_reaches_the_filesystem(module_broker: Broker, vision_model: Path,
                                                   camera_settings: dict[str, Any], tmp_path: Path) -> None:
     """The agent runs under strace (file system calls only). Requests name a file that exists
     in every text field; no system call of the agent ever names it. Cameras and the model come
@@ -176,8 +168,8 @@ def test_no_request_field_reaches_the_filesystem(hostile_broker: Broker, vision_
         pytest.skip(f"strace cannot trace here: {probe_run.stderr.strip()[:200]}")
     probe = Path(tempfile.mkdtemp(prefix="probe-"))  # short: it is also sent as an id
     (probe / "x.jpg").write_bytes(b"\xff\xd8")
-    watcher = Client(hostile_broker.port)
-    agent = AgentProcess(tmp_path, hostile_broker.port, vision_model, cameras=camera_settings, **AGENT_SETTINGS)
+    watcher = Client(module_broker.port)
+    agent = AgentProcess(tmp_path, module_broker.port, vision_model, cameras=camera_settings, **AGENT_SETTINGS)
     trace = tmp_path / "strace.log"
     watcher.subscribe(agent.status_topic)
     tracer = subprocess.Popen(

@@ -22,14 +22,6 @@ ERROR_KEYS = {"id", "ok", "error"}
 
 
 @pytest.fixture(scope="module")
-def module_broker() -> Iterator[Broker]:
-    server = Broker()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def agent(module_broker: Broker, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     watcher = Client(module_broker.port)
     proc = AgentProcess(tmp_path_factory.mktemp("agent"), module_broker.port, tiny_model,
