@@ -17,7 +17,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from edge_agent.prompts import template_fields
 from edge_agent.settings_remote import OverflowSettings, RemoteServerSettings
-from edge_agent.settings_watch import HomeAssistantSettings, MotionSettings, WatchRuleSettings, watch_problems
+from edge_agent.settings_watch import (HomeAssistantSettings, MotionSettings, WatchRuleSettings, checked_response_format,
+                                       watch_problems)
 
 ENV_PREFIX = "EDGE_AGENT_"
 CROSS_TABLE_MARK = "across tables:\n"  # a model-level error: one problem per line, each named
@@ -194,15 +195,7 @@ class TemplateSettings(_Strict):
     @field_validator("response_format")
     @classmethod
     def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            from edge_agent.errors import AgentError
-            from edge_agent.structured import parse_response_format
-
-            try:
-                parse_response_format(value)
-            except AgentError as exc:
-                raise ValueError(exc.message) from None
-        return value
+        return checked_response_format(value)
 
 
 class PromptSettings(_Strict):

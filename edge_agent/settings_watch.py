@@ -13,6 +13,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 TOPIC_LEVEL_CHARS = "[A-Za-z0-9_.-]"
 
 
+def checked_response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A response_format from the settings, checked as a request's would be (ValueError)."""
+    if value is not None:
+        from edge_agent.errors import AgentError
+        from edge_agent.structured import parse_response_format
+
+        try:
+            parse_response_format(value)
+        except AgentError as exc:
+            raise ValueError(exc.message) from None
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,15 +73,7 @@ class WatchRuleSettings(_Strict):
     @field_validator("response_format")
     @classmethod
     def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            from edge_agent.errors import AgentError
-            from edge_agent.structured import parse_response_format
-
-            try:
-                parse_response_format(value)
-            except AgentError as exc:
-                raise ValueError(exc.message) from None
-        return value
+        return checked_response_format(value)
 
     @model_validator(mode="after")
     def _complete(self) -> WatchRuleSettings:
