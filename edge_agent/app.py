@@ -337,11 +337,9 @@ class Agent:
     def cameras_info(self) -> dict[str, dict[str, Any]]:
         return self.cameras.info()
 
-    def live_status(self) -> dict[str, Any]:
-        """The status fields that change while the agent runs."""
-        return {"cameras": self.cameras.info(), "watch": self.watcher.info(),
-                "remote": self.engine.info() if isinstance(self.engine, OpenAIServer) else None,
-                "overflow": self.overflow.info() if self.overflow is not None else None}
+    def live_status(self, cameras: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The status fields that change while the agent runs (`cameras`: already read)."""
+        return {"cameras": self.cameras.info() if cameras is None else cameras, **self._parts_info()}
 
     def work_info(self) -> dict[str, Any]:
         scheduler = self.scheduler
@@ -349,10 +347,14 @@ class Agent:
                 "busy_rejected": scheduler.rejected if scheduler else 0,
                 "in_flight": scheduler.running if scheduler else 0,
                 "delivery": self.delivery.stats(), "inference_restarts": self.engine.crashes,
-                "watch": self.watcher.info(),
-                "remote": self.engine.info() if isinstance(self.engine, OpenAIServer) else None,
-                "overflow": self.overflow.info() if self.overflow is not None else None,
+                **self._parts_info(),
                 "fleet": self.intake.fleet_info() if self.settings.mqtt.shared_group else None}
+
+    def _parts_info(self) -> dict[str, Any]:
+        """Watch rules, the remote backend and the overflow server: in the status and stats."""
+        return {"watch": self.watcher.info(),
+                "remote": self.engine.info() if isinstance(self.engine, OpenAIServer) else None,
+                "overflow": self.overflow.info() if self.overflow is not None else None}
 
 
 def request_limits(settings: Settings) -> RequestLimits:

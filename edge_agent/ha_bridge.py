@@ -8,6 +8,7 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.errors import AgentError, BadRequest, Busy
+from edge_agent.homeassistant import components, discovery_payload, discovery_topic, removal_payload, rule_entity
 from edge_agent.log import get_logger
 from edge_agent.mqtt import Incoming
 from edge_agent.protocol import Topics, encode, error_payload
@@ -57,7 +58,7 @@ class HomeAssistantBridge:
         settings, link = agent.settings, agent.link
         if not settings.homeassistant.enabled:
             if self._announced_topic is not None:
-                link.publish(self._announced_topic, b"", retain=True)
+                link.publish(self._announced_topic, removal_payload(), retain=True)
                 log.info("homeassistant.removed", topic=self._announced_topic)
                 self._announced_topic, self._previous = None, {}
             return
@@ -67,12 +68,10 @@ class HomeAssistantBridge:
             log.exception("homeassistant.announce_failed")
 
     def _announce(self, settings: Settings, link: Any) -> None:
-        from edge_agent.homeassistant import components, discovery_payload, discovery_topic, rule_entity
-
         agent = self._agent
         topic = discovery_topic(settings.homeassistant.discovery_prefix, settings.device_id)
         if self._announced_topic not in (None, topic):  # the prefix or device id changed
-            link.publish(self._announced_topic, b"", retain=True)
+            link.publish(self._announced_topic, removal_payload(), retain=True)
             self._previous = {}
         payload = discovery_payload(
             agent.topics, device_id=settings.device_id, version=__version__, model=agent.engine.name,

@@ -26,7 +26,12 @@ STATES = ("starting", "ready", "degraded", "stopping", "offline")
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_iso(time.time())
+
+
+def utc_iso(epoch_s: float, timespec: str = "milliseconds") -> str:
+    """`2026-11-30T19:36:02.301Z`: the one format of times in what the agent publishes."""
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 class StatusBoard:

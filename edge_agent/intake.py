@@ -190,19 +190,18 @@ class Intake:
 
     def _overflow(self, job: Job, reason: str) -> bool:
         overflow = self._host.overflow
-        if overflow is None:
-            return False
-        self._in_flight.add(job)
-        if overflow.submit(job, reason):
-            return True
-        self._in_flight.forget(job)
-        return False
+        return overflow is not None and self._tracked(job, lambda queued: overflow.submit(queued, reason))
 
     def _enqueue(self, job: Job) -> bool:
         scheduler = self._host.scheduler
         assert scheduler is not None
+        return self._tracked(job, scheduler.submit)
+
+    def _tracked(self, job: Job, submit: Callable[[Job], bool]) -> bool:
+        """Queued by `submit`, and reachable by a cancel from the moment it is: registered
+        before, forgotten again when it was not taken."""
         self._in_flight.add(job)
-        if scheduler.submit(job):
+        if submit(job):
             return True
         self._in_flight.forget(job)
         return False

@@ -26,7 +26,7 @@ class Source(Protocol):
 
     def work_info(self) -> dict[str, Any]: ...
 
-    def live_status(self) -> dict[str, Any]: ...
+    def live_status(self, cameras: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]: ...
 
 
 class Reports:
@@ -52,7 +52,7 @@ class Reports:
         now = self._clock()
         if force or states != self._camera_states or now - self._status_at >= STATUS_REFRESH_S:
             self._camera_states = states
-            self.set_status(self.status.state, **{**self._source.live_status(), "cameras": cameras})
+            self.set_status(self.status.state, **self._source.live_status(cameras))
 
     def publish_status(self) -> None:
         self._status_at = self._clock()

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TOPIC_LEVEL_CHARS = "[A-Za-z0-9_.-]"
 
 
 def checked_response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -4,20 +4,16 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.cameras import CameraSet
+from edge_agent.health import utc_iso
 from edge_agent.protocol import Request
 from edge_agent.settings import ImageSettings
 
 
 if TYPE_CHECKING:
     from edge_agent.camera import Frame
-
-
-def _iso(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ImageGatherer:
@@ -49,7 +45,7 @@ class ImageGatherer:
 
     @staticmethod
     def _describe(frame: Frame, jpeg: bytes, include: bool) -> dict[str, Any]:
-        entry: dict[str, Any] = {"camera": frame.camera, "captured_at": _iso(frame.captured_at),
+        entry: dict[str, Any] = {"camera": frame.camera, "captured_at": utc_iso(frame.captured_at),
                                  "age_ms": round(frame.age_ms(), 1), "seq": frame.seq,
                                  "width": frame.width, "height": frame.height}
         if include:

@@ -13,11 +13,10 @@ import json
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from edge_agent.health import utc_now
+from edge_agent.health import utc_iso, utc_now
 from edge_agent.log import get_logger
 from edge_agent.protocol import encode
 from edge_agent.settings import Settings
@@ -93,12 +92,10 @@ class Watcher:
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
-    def configure(self, settings: Settings) -> list[str]:
+    def configure(self, settings: Settings) -> None:
         """Take the rules of a snapshot: unchanged rules keep their state; a changed rule starts
-        over (its next run publishes); a removed or disabled one loses its retained state.
-        Returns the names of the rules removed."""
+        over (its next run publishes); a removed or disabled one loses its retained state."""
         now = self._clock()
-        removed: list[str] = []
         with self._lock:
             rules: dict[str, _Rule] = {}
             for name, rule in settings.watch.items():
@@ -115,7 +112,6 @@ class Watcher:
             self._publish(self._topics().watch(name), b"", True)  # clears the retained state
         log.info("watch.configured", rules=sorted(rules), removed=removed)
         self._wake.set()
-        return removed
 
     def start(self) -> None:
         self._stop.clear()
@@ -242,12 +238,13 @@ class Watcher:
         now, wall = self._clock(), time.time()
         with self._lock:
             return {name: {**rule.counts, "running": rule.running, "last_at": rule.last_at,
-                           "last_error": rule.last_error,
-                           "next_in_s": None if rule.next_at is None else round(max(0.0, rule.next_at - now), 1),
-                           "next_at": None if rule.next_at is None else
-                           _iso(wall + max(0.0, rule.next_at - now))}
+                           "last_error": rule.last_error, **_next_run(rule.next_at, now, wall)}
                     for name, rule in self._rules.items()}
 
 
-def _iso(epoch_s: float) -> str:
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+def _next_run(next_at: float | None, now: float, wall: float) -> dict[str, Any]:
+    """The schedule's next run, in seconds from now and as a UTC time (null: motion only)."""
+    if next_at is None:
+        return {"next_in_s": None, "next_at": None}
+    left = max(0.0, next_at - now)
+    return {"next_in_s": round(left, 1), "next_at": utc_iso(wall + left, "seconds")}
