@@ -107,5 +107,10 @@ def test_a_prompt_from_the_text_entity_is_answered_on_the_sensor(broker: Broker,
             assert json.loads(first(late, answer_topic, 10)[1]) == refused
         finally:
             late.close()
+        ha.publish(f"{agent.prefix}/{agent.device_id}/ha/prompt", "x" * 1025)
+        too_long = json.loads(first(ha, answer_topic, 30)[1])
+        assert too_long["error"] == {"code": "bad_request", "message": "the prompt is 1025 bytes; the limit is 1024"}
+        ha.publish(f"{agent.prefix}/{agent.device_id}/ha/prompt", "Say hello again")
+        assert json.loads(first(ha, answer_topic, 30)[1])["ok"]  # bad input cost nothing
     finally:
         ha.close()
