@@ -43,8 +43,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from edge_agent import log  # noqa: E402
-from edge_agent.camera import Camera  # noqa: E402
-from edge_agent.settings import CameraSettings  # noqa: E402
+from edge_agent.cameras.camera import Camera  # noqa: E402
+from edge_agent.settings.model import CameraSettings  # noqa: E402
 from video import LOW_DELAY, UdpStream, ffmpeg, free_udp_port  # noqa: E402
 
 W, H, FPS = 640, 480, 15

@@ -31,10 +31,10 @@ from camera_cpu import REPO, SETTINGS, machine, measure, pct
 import cv2
 
 from edge_agent import log
-from edge_agent.camera import Camera
-from edge_agent.motion import MotionDetector
-from edge_agent.settings import CameraSettings
-from edge_agent.settings_watch import MotionSettings
+from edge_agent.cameras.camera import Camera
+from edge_agent.cameras.motion import MotionDetector
+from edge_agent.settings.model import CameraSettings
+from edge_agent.settings.watch import MotionSettings
 from video import UdpStream
 
 FPS, LOOK_FPS = 15, 5.0

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from edge_agent.inference.types import GenerationParams, Work  # noqa: E402
-from edge_agent.openai_backend import request_body  # noqa: E402
+from edge_agent.inference.openai_client import request_body  # noqa: E402
 from llama_server import LlamaServer  # noqa: E402
 from support import AgentProcess, Broker, Client, build_model  # noqa: E402
 

@@ -1,5 +1,5 @@
 import sys
 
-from edge_agent.cli import main
+from edge_agent.cli.main import main
 
 sys.exit(main())

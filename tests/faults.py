@@ -209,7 +209,7 @@ FAULT_HOOKS = """\
 import os
 import time
 
-import edge_agent.inference.engine as _engine
+import edge_agent.inference.child.engine as _engine
 import paho.mqtt.client as _paho
 
 _prepare = _engine.OrtGenaiEngine.prepare
@@ -239,7 +239,7 @@ if _slow_load_s:  # a big model on a slow disk: the inference child takes this l
     _engine.OrtGenaiEngine.load = load
 
 import sqlite3
-import edge_agent.store as _store
+import edge_agent.delivery.store as _store
 
 # Raised below the store's translation (unwrapped, then wrapped again in store_errors), as
 # SQLite's own failures are: what reaches delivery is the StoreError the store makes of them.
@@ -262,7 +262,7 @@ def first_sight(self, request_id):
 
 _store.Store.answered, _store.Store.first_sight = answered, first_sight
 
-import edge_agent.protocol as _protocol  # before edge_agent.app imports parse_request from it
+import edge_agent.protocol as _protocol  # before edge_agent.daemon.app imports parse_request from it
 
 _parse_request = _protocol.parse_request
 

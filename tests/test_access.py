@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import ValidationError
 
-from edge_agent.settings import Settings
+from edge_agent.settings.model import Settings
 from support import REPO, AgentProcess, Broker, Client
 
 ACL_EXAMPLE = REPO / "config" / "mosquitto-acl.example"

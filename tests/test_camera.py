@@ -12,12 +12,12 @@ from typing import Any, Callable, Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from edge_agent import cameras as cameras_module, opencv_env
-from edge_agent.camera import Camera, has_gstreamer, validate_cameras
-from edge_agent.cameras import CameraSet
+from edge_agent.cameras import camera_set as cameras_module, opencv_env
+from edge_agent.cameras.camera import Camera, has_gstreamer, validate_cameras
+from edge_agent.cameras.camera_set import CameraSet
 from edge_agent.errors import BadRequest, CameraUnavailable, ConfigError, StaleFrame
-from edge_agent.settings import CameraSettings, Settings
-from edge_agent.sources import redact, source_kind
+from edge_agent.settings.model import CameraSettings, Settings
+from edge_agent.settings.sources import redact, source_kind
 from video import UdpStream, free_udp_port, make_clip
 
 # Small timing settings: a dead stream is noticed in 1 s, reopened within 1 s.

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from edge_agent import catalog
-from edge_agent.catalog import (PULLED_MARKER, choose_variant, get_entry, installed, is_catalog_name,
+from edge_agent.settings import catalog
+from edge_agent.settings.catalog import (PULLED_MARKER, choose_variant, get_entry, installed, is_catalog_name,
                                 load_catalog, partial, pull, resolve_model_path)
 from edge_agent.errors import CatalogError, ConfigError
 from edge_agent.hardware import Gpu, Hardware
-from edge_agent.settings import Settings, load_settings
+from edge_agent.settings.model import Settings, load_settings
 
 GB = 1024
 H100 = Hardware(machine="x86_64", cpu_vendor="amd", cpu_model="EPYC", nvidia_gpus=(Gpu("NVIDIA H100", 80 * GB),),

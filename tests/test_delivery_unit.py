@@ -8,9 +8,9 @@ from typing import Callable
 
 from structlog.testing import capture_logs
 
-from edge_agent.delivery import DUPLICATE, NEW, Delivery
+from edge_agent.delivery.outbox import DUPLICATE, NEW, Delivery
 from edge_agent.mqtt import Incoming
-from edge_agent.store import Store
+from edge_agent.delivery.store import Store
 
 
 class RecordingLink:

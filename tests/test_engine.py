@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.errors import ModelLoadError, Timeout, TooLarge
 from edge_agent.inference import GenerationParams
-from edge_agent.inference.engine import OrtGenaiEngine
+from edge_agent.inference.child.engine import OrtGenaiEngine
 
 USER = ({"role": "user", "content": "Hello there"},)
 

@@ -8,10 +8,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from edge_agent.app import Agent
-from edge_agent.intake import deadline
+from edge_agent.daemon.app import Agent
+from edge_agent.work.intake import deadline
 from edge_agent.errors import TooLarge
-from edge_agent.handler import Job, RequestHandler, StreamSink
+from edge_agent.work.handler import Job, RequestHandler, StreamSink
 from edge_agent.inference import Generation, GenerationParams, Work
 from edge_agent.protocol import Request
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from edge_agent.homeassistant import (RuleEntity, components, discovery_payload, discovery_topic,
+from edge_agent.automation.homeassistant import (RuleEntity, components, discovery_payload, discovery_topic,
                                       removal_payload)
 from edge_agent.protocol import Topics
 from homeassistant import HomeAssistant, ensure_venv, validate

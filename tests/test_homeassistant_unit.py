@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.homeassistant import (MAX_STATE_CHARS, RuleEntity, components, discovery_payload,
+from edge_agent.automation.homeassistant import (MAX_STATE_CHARS, RuleEntity, components, discovery_payload,
                                       discovery_topic, removal_payload, rule_entity)
 from edge_agent.protocol import Topics
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from edge_agent import images
+from edge_agent.cameras import images
 from edge_agent.errors import BadImage, TooLarge
-from edge_agent.images import declared_size, decode_base64_image, encode_frame, sanitize
-from edge_agent.settings import ImageSettings
+from edge_agent.cameras.images import declared_size, decode_base64_image, encode_frame, sanitize
+from edge_agent.settings.model import ImageSettings
 
 LIMITS = ImageSettings()
 FORMATS = [".jpg", ".png", ".bmp", ".webp", ".gif", ".tiff", ".ppm", ".jp2"]
@@ -137,7 +137,7 @@ def test_oversize_bytes_are_too_large(no_decoding: None) -> None:
 
 def test_opencv_decoder_has_its_own_pixel_cap() -> None:
     """Formats whose header we cannot read still meet OpenCV's cap, set before cv2 loads."""
-    code = ("import edge_agent.images, cv2, numpy, sys\n"
+    code = ("import edge_agent.cameras.images, cv2, numpy, sys\n"
             "data = numpy.frombuffer(sys.stdin.buffer.read(), numpy.uint8)\n"
             "try:\n    cv2.imdecode(data, cv2.IMREAD_COLOR)\nexcept cv2.error as exc:\n"
             "    print('capped' if 'MAX_IMAGE_PIXELS' in str(exc) else exc)\n")

@@ -194,7 +194,7 @@ def test_example_config_names_every_setting() -> None:
 
     from pydantic import BaseModel
 
-    from edge_agent.settings import CameraSettings, Settings, TemplateSettings, TlsSettings
+    from edge_agent.settings.model import CameraSettings, Settings, TemplateSettings, TlsSettings
 
     example = (Path(__file__).resolve().parent.parent / "config" / "agent.example.toml").read_text()
     named = set(re.findall(r"^#? ?([a-z_]+) = ", example, re.MULTILINE))
@@ -293,7 +293,7 @@ def test_unreadable_genai_config_exits_78(tmp_path: Path) -> None:
 
 def test_relative_camera_files_are_taken_from_the_settings_folder(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_agent.settings import load_settings
+    from edge_agent.settings.model import load_settings
 
     etc = tmp_path / "etc"
     (etc / "conf.d").mkdir(parents=True)

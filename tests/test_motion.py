@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent import motion
-from edge_agent.camera import Camera
-from edge_agent.cameras import CameraSet
-from edge_agent.motion import MotionDetector, MotionTracker, MotionWatch
-from edge_agent.settings import CameraSettings
-from edge_agent.settings_watch import MotionSettings
+from edge_agent.cameras import motion
+from edge_agent.cameras.camera import Camera
+from edge_agent.cameras.camera_set import CameraSet
+from edge_agent.cameras.motion import MotionDetector, MotionTracker, MotionWatch
+from edge_agent.settings.model import CameraSettings
+from edge_agent.settings.watch import MotionSettings
 from test_camera import FAST, cameras, stream, until  # noqa: F401 - fixtures used by name
 from video import UdpStream, make_motion_clip, make_still_clip
 

@@ -11,12 +11,12 @@ import pytest
 
 from edge_agent.errors import BadRequest, Unavailable, Unsupported
 from edge_agent.inference.types import GenerationParams, Guidance, Work
-from edge_agent.openai_backend import (Breaker, chat_messages, read_api_key, request_body, shown_url,
+from edge_agent.inference.openai_client import (Breaker, chat_messages, read_api_key, request_body, shown_url,
                                        status_error)
-from edge_agent.overflow import Overflow
+from edge_agent.work.overflow import Overflow
 from edge_agent.protocol import Request
-from edge_agent.settings_remote import OverflowSettings, RemoteServerSettings
-from edge_agent.structured import parse_response_format
+from edge_agent.settings.remote import OverflowSettings, RemoteServerSettings
+from edge_agent.protocol.structured import parse_response_format
 
 
 def test_breaker_opens_after_failures_in_a_row_then_lets_one_request_try() -> None:

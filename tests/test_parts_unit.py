@@ -9,9 +9,9 @@ import pytest
 import structlog
 
 from edge_agent import log
-from edge_agent.health import StatusBoard
+from edge_agent.health.service import StatusBoard
 from edge_agent.backoff import backoff_delay
-from edge_agent.settings import Settings
+from edge_agent.settings.model import Settings
 
 
 def test_backoff_grows_is_capped_and_jittered() -> None:

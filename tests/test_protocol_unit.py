@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from edge_agent.errors import BadRequest, ErrorCode, TooLarge
-from edge_agent.prompts import PromptTemplate, render_template, template_fields
+from edge_agent.protocol.prompts import PromptTemplate, render_template, template_fields
 from edge_agent.protocol import (REQUEST_FIELDS, RequestError, RequestLimits, Topics, choose_reply_topic,
                                  encode, error_payload, parse_cancel, parse_request, topic_matches)
-from edge_agent.strictjson import MAX_JSON_DEPTH, decode_json_object
+from edge_agent.protocol.strictjson import MAX_JSON_DEPTH, decode_json_object
 
 LIMITS = RequestLimits(max_payload_bytes=65536, max_prompt_chars=2000, max_tokens_cap=256, max_timeout_s=60)
 

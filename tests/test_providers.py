@@ -12,8 +12,8 @@ from structlog.testing import capture_logs
 
 from edge_agent.errors import ModelLoadError
 from edge_agent.hardware import Gpu, Hardware
-from edge_agent.inference.engine import OrtGenaiEngine
-from edge_agent.inference.providers import Candidate, choose_and_load, option_text, plan
+from edge_agent.inference.child.engine import OrtGenaiEngine
+from edge_agent.inference.child.providers import Candidate, choose_and_load, option_text, plan
 from support import cuda_missing
 
 INTEL = Hardware(machine="x86_64", cpu_vendor="intel", cpu_model="Intel Core i5")

@@ -155,7 +155,7 @@ def test_a_changed_max_batch_applies_and_says_so(client: Client, agent: AgentPro
 def test_reading_the_file_is_not_an_edit(tmp_path: Path) -> None:
     """One edit, one reload: the reload reads the file (watchdog reports opened and closed
     events for that), which must not set off another one."""
-    from edge_agent.reload import ConfigWatcher
+    from edge_agent.daemon.reload import ConfigWatcher
 
     main = tmp_path / "agent.toml"
     main.write_text("device_id = 'a'\n")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_agent.stats import ProcessMeter, RequestStats, Stats, parse_compute_apps, percentile
+from edge_agent.health.stats import ProcessMeter, RequestStats, Stats, parse_compute_apps, percentile
 from support import AgentProcess, Broker, Client
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import ConfigError, StoreError
-from edge_agent.store import SeenAnswer, Store
+from edge_agent.delivery.store import SeenAnswer, Store
 
 
 class Clock:

@@ -19,15 +19,15 @@ from typing import Callable, Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from edge_agent import app as app_module
+from edge_agent.daemon import app as app_module
 from edge_agent.mqtt import client as mqtt
-from edge_agent import scheduler as scheduler_module
-from edge_agent.app import Agent, request_limits
-from edge_agent.jobs import Job
-from edge_agent.health import SystemdNotifier, SystemdService
+from edge_agent.work import lanes as scheduler_module
+from edge_agent.daemon.app import Agent, request_limits
+from edge_agent.work.jobs import Job
+from edge_agent.health.service import SystemdNotifier, SystemdService
 from edge_agent.protocol import parse_request
-from edge_agent.scheduler import Scheduler
-from edge_agent.settings import Settings
+from edge_agent.work.lanes import Scheduler
+from edge_agent.settings.model import Settings
 from faults import fault_hooks_env
 from support import REPO, AgentProcess, Broker, Client
 
@@ -342,7 +342,7 @@ import threading
 
 import paho.mqtt.client as paho
 
-from edge_agent import app
+from edge_agent.daemon import app
 
 app.MQTT_LOOP_STALE_S = 1.0  # instead of 10 s, so the test is short
 _loop = paho.Client.loop

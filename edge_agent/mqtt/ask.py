@@ -14,7 +14,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.errors import BrokerError
 from edge_agent.mqtt.client import incoming, new_client
-from edge_agent.settings import MqttSettings
+from edge_agent.settings.model import MqttSettings
 
 
 def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[[str | None], bytes],

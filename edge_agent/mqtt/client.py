@@ -14,7 +14,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent.errors import BrokerError
-from edge_agent.settings import MqttSettings
+from edge_agent.settings.model import MqttSettings
 
 # systemd's LoadCredential= puts secrets in $CREDENTIALS_DIRECTORY under these names.
 PASSWORD_CREDENTIAL = "mqtt-password"

@@ -17,7 +17,7 @@ from paho.mqtt.properties import Properties
 from edge_agent.backoff import backoff_delay
 from edge_agent.log import get_logger
 from edge_agent.mqtt.client import Incoming, incoming, new_client
-from edge_agent.settings import MqttSettings
+from edge_agent.settings.model import MqttSettings
 
 log = get_logger("mqtt")
 LOOP_TIMEOUT_S = 0.2

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from edge_agent.errors import AgentError, BadRequest, Forbidden, TooLarge
-from edge_agent.prompts import VAR_NAME, PromptTemplate, render_template, template_fields
+from edge_agent.protocol.prompts import VAR_NAME, PromptTemplate, render_template, template_fields
 from edge_agent.protocol.topics import CONTROL_CHARS, check_topic_name
-from edge_agent.strictjson import decode_json_object, json_type
-from edge_agent.structured import ResponseFormat, parse_response_format
+from edge_agent.protocol.strictjson import decode_json_object, json_type
+from edge_agent.protocol.structured import ResponseFormat, parse_response_format
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.errors import BadRequest
-from edge_agent.strictjson import json_type
+from edge_agent.protocol.strictjson import json_type
 
 MAX_TOPIC_CHARS = 512
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

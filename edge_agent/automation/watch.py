@@ -1,0 +1,250 @@
+"""Watch rules: look at a camera on a schedule or when it moves, ask a fixed question, publish
+the answer as retained state (only when it changed, unless the rule says always).
+
+A rule run is background work that enters through the intake like any request (the same parser,
+the same engine), in the background lane: it waits behind every request and never makes one
+`busy`. A rule whose previous run is still going is skipped, counted. Runs are greedy (no
+sampling field is sent), so unchanged frames give unchanged answers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from edge_agent.health.service import utc_iso, utc_now
+from edge_agent.log import get_logger
+from edge_agent.protocol import encode
+from edge_agent.settings.model import Settings
+from edge_agent.settings.watch import WatchRuleSettings
+
+log = get_logger("watch")
+TICK_S = 0.1  # how often schedules and motion triggers are looked at
+RUN_TIMEOUT_S = 300.0  # a run not answered by then is answered `timeout` (a camera may be slow)
+_NOTHING = object()  # no value published yet
+
+# submit(fields, on_done, background=..., trusted=..., timeout_s=...) -> accepted
+Submit = Callable[..., bool]
+Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain)
+
+
+def rule_fields(name: str, rule: WatchRuleSettings) -> dict[str, Any]:
+    """The request a rule run makes (also what `edge-agent watch run` sends)."""
+    fields: dict[str, Any] = {"id": f"watch-{name}-{uuid.uuid4().hex[:12]}", "camera": rule.camera}
+    if rule.template is not None:
+        fields["template"] = rule.template
+        if rule.vars:
+            fields["vars"] = dict(rule.vars)
+    else:
+        fields["prompt"] = rule.prompt
+        if rule.system is not None:
+            fields["system"] = rule.system
+    if rule.response_format is not None:
+        fields["response_format"] = rule.response_format
+    if rule.max_tokens is not None:
+        fields["max_tokens"] = rule.max_tokens
+    return fields
+
+
+def answer_value(answer: Mapping[str, Any]) -> Any:
+    """What a run's answer says: its JSON value when it has one, else its text."""
+    return answer["json"] if "json" in answer else answer.get("text")
+
+
+def change_value(value: Any, change_key: tuple[str, ...]) -> Any:
+    """The part of a value that counts as a change: the change_key fields of a JSON object."""
+    if not change_key or not isinstance(value, dict):
+        return value
+    return {key: value.get(key) for key in change_key}
+
+
+@dataclass
+class _Rule:
+    name: str
+    settings: WatchRuleSettings
+    next_at: float | None = None  # the schedule's next run (monotonic)
+    started_at: float | None = None  # the last run's start (cooldown counts from it)
+    running: bool = False
+    triggered: bool = False  # motion asked for a run
+    published_key: Any = _NOTHING
+    published_value: Any = None
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("runs", "published", "skipped_running", "skipped_cooldown", "failed"), 0))
+    last_at: str | None = None
+    last_error: str | None = None
+
+
+class Watcher:
+    def __init__(self, submit: Submit, publish: Publish, topics: Callable[[], Any],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._submit = submit
+        self._publish = publish
+        self._topics = topics  # the current Topics (a reload may change the prefix)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._rules: dict[str, _Rule] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def configure(self, settings: Settings) -> None:
+        """Take the rules of a snapshot: unchanged rules keep their state; a changed rule starts
+        over (its next run publishes); a removed or disabled one loses its retained state."""
+        now = self._clock()
+        with self._lock:
+            rules: dict[str, _Rule] = {}
+            for name, rule in settings.watch.items():
+                old = self._rules.get(name)
+                if not rule.enabled:
+                    continue
+                if old is not None and old.settings == rule:
+                    rules[name] = old
+                    continue
+                rules[name] = _Rule(name, rule, next_at=now if rule.every_s is not None else None)
+            removed = [name for name in self._rules if name not in rules]
+            self._rules = rules
+        for name in removed:
+            self._publish(self._topics().watch(name), b"", True)  # clears the retained state
+        log.info("watch.configured", rules=sorted(rules), removed=removed)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    # --- triggers ------------------------------------------------------------------------
+    def on_motion(self, camera: str, state: str) -> None:
+        """From a capture thread: motion turning ON triggers the camera's on_motion rules."""
+        if state != "ON":
+            return
+        with self._lock:
+            for rule in self._rules.values():
+                if rule.settings.on_motion and rule.settings.camera == camera:
+                    rule.triggered = True
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - the schedule outlives any one surprise
+                log.exception("watch.tick_failed")
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        now = self._clock()
+        due: list[tuple[_Rule, str]] = []
+        with self._lock:
+            for rule in self._rules.values():
+                scheduled = rule.next_at is not None and now >= rule.next_at
+                if not (scheduled or rule.triggered):
+                    continue
+                reason = "motion" if rule.triggered else "schedule"
+                rule.triggered = False
+                if scheduled:
+                    rule.next_at = now + (rule.settings.every_s or 0)
+                if self._skip(rule, now, reason):
+                    continue
+                rule.running, rule.started_at = True, now
+                rule.counts["runs"] += 1
+                due.append((rule, reason))
+        for rule, reason in due:
+            self._start_run(rule, reason)
+
+    def _skip(self, rule: _Rule, now: float, reason: str) -> bool:
+        if rule.running:
+            rule.counts["skipped_running"] += 1
+            log.info("watch.skipped", rule=rule.name, why="running", trigger=reason)
+            return True
+        cooldown = rule.settings.cooldown_s
+        if rule.started_at is not None and now - rule.started_at < cooldown:
+            rule.counts["skipped_cooldown"] += 1
+            if reason == "schedule" and rule.next_at is not None:  # run as soon as it is over
+                rule.next_at = max(rule.next_at, rule.started_at + cooldown)
+            return True
+        return False
+
+    def _start_run(self, rule: _Rule, trigger: str) -> None:
+        done = lambda payload, outcome: self._finished(rule, trigger, payload, outcome)  # noqa: E731
+        fields = rule_fields(rule.name, rule.settings)
+        log.info("watch.run", rule=rule.name, trigger=trigger, request_id=fields["id"])
+        try:
+            accepted = self._submit(fields, done, background=True, trusted=True, timeout_s=RUN_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a failed submit must not leave the rule "running"
+            log.exception("watch.submit_failed", rule=rule.name)
+            accepted = False
+        if not accepted:
+            with self._lock:
+                rule.running = False
+                rule.counts["skipped_running"] += 1
+            log.info("watch.skipped", rule=rule.name, why="not_accepted")
+
+    # --- results -------------------------------------------------------------------------
+    def _finished(self, rule: _Rule, trigger: str, payload: bytes, outcome: str) -> None:
+        answer = json.loads(payload)
+        at = utc_now()
+        with self._lock:
+            rule.running = False
+            rule.last_at = at
+            if not answer.get("ok"):
+                rule.counts["failed"] += 1
+                rule.last_error = f"{answer['error']['code']}: {answer['error']['message']}"
+                log.warning("watch.failed", rule=rule.name, code=answer["error"]["code"],
+                            reason=answer["error"]["message"])
+                return
+            rule.last_error = None
+            value = answer_value(answer)
+            key = change_value(value, rule.settings.change_key)
+            changed = rule.published_key is _NOTHING or key != rule.published_key
+            previous = None if rule.published_key is _NOTHING else rule.published_value
+            if not changed and rule.settings.publish == "change":
+                log.info("watch.unchanged", rule=rule.name)
+                return
+            rule.published_key, rule.published_value = key, value
+            rule.counts["published"] += 1
+            current = self._rules.get(rule.name) is rule  # a reload may have replaced it meanwhile
+        if not current:
+            return
+        topics = self._topics()
+        state = {"rule": rule.name, "at": at, "trigger": trigger, "text": answer.get("text"), "changed": changed,
+                 "previous": previous, "frames": answer.get("frames", []), "timings": answer.get("timings")}
+        if "json" in answer:
+            state["json"] = answer["json"]
+        self._publish(topics.watch(rule.name), encode(state), True)
+        if changed:
+            key_name = "json" if "json" in answer else "text"
+            self._publish(topics.events, encode({"rule": rule.name, "at": at, key_name: value,
+                                                 "previous": previous}), False)
+        log.info("watch.published", rule=rule.name, changed=changed)
+
+    # --- what the status shows -------------------------------------------------------------
+    def info(self) -> dict[str, dict[str, Any]]:
+        now, wall = self._clock(), time.time()
+        with self._lock:
+            return {name: {**rule.counts, "running": rule.running, "last_at": rule.last_at,
+                           "last_error": rule.last_error, **_next_run(rule.next_at, now, wall)}
+                    for name, rule in self._rules.items()}
+
+
+def _next_run(next_at: float | None, now: float, wall: float) -> dict[str, Any]:
+    """The schedule's next run, in seconds from now and as a UTC time (null: motion only)."""
+    if next_at is None:
+        return {"next_in_s": None, "next_at": None}
+    left = max(0.0, next_at - now)
+    return {"next_in_s": round(left, 1), "next_at": utc_iso(wall + left, "seconds")}

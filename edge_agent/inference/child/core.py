@@ -1,0 +1,254 @@
+"""The child's scheduler: every request in flight advances a token per turn of the loop.
+
+Two paths, chosen per request (never changing what it asked for):
+- single: a generator of its own (og.Generator). Images, a `seed` where the batch refuses it,
+  prompts longer than the batch's cache, runtimes without the engine, and a request that finds
+  nothing else to share with (alone it is fastest here: FACTS.md).
+- batch: the runtime's og.Engine. "dynamic" (paged attention) takes newcomers at any step;
+  "static" (CPU) runs fixed groups, so a request that finds the engine idle waits `wait_s` for
+  others to arrive and start with it; later ones wait for the running group.
+Events out: ("token", rid, text), ("done", rid, Generation), ("failed", rid, AgentError|str).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import onnxruntime_genai as og
+
+from edge_agent.errors import AgentError, Timeout
+from edge_agent.inference.child.engine import OrtGenaiEngine, Prompt
+from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
+                                        FINISH_STOP, Generation, Work)
+from edge_agent.log import get_logger
+
+log = get_logger("inference")
+Event = tuple[str, int, Any]
+EVENT_BUFFER = 256
+
+
+class Run:
+    """One request's progress: its text so far and its timings."""
+
+    def __init__(self, rid: int, work: Work, prompt: Prompt, stream: Any, path: str, received: float) -> None:
+        self.rid, self.work, self.prompt, self.path = rid, work, prompt, path
+        self.received = received
+        self.pieces: list[str] = []
+        self.ttft_ms: float | None = None
+        self._stream = stream
+        self.finish: str | None = None  # set when it ended
+        self.failure: AgentError | None = None  # set when it ended in error (deadline)
+        self.generator: Any = None  # single path
+        self.request: Any = None  # batch path: og.Request and its turn
+        self.turn: Any = None
+
+    def take(self, token: int, eos_ids: frozenset[int]) -> str | None:
+        """The text a new token adds; None once it is the end token."""
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.monotonic() - self.received) * 1000
+        if token in eos_ids:
+            self.finish = FINISH_STOP
+            return None
+        piece = self._stream.decode(token)
+        self.pieces.append(piece)
+        return piece
+
+    def result(self, finish: str) -> Generation:
+        return Generation(text="".join(self.pieces), finish_reason=finish, prompt_tokens=self.prompt.length,
+                          completion_tokens=len(self.pieces), ttft_ms=self.ttft_ms,
+                          generate_ms=(time.monotonic() - self.received) * 1000, path=self.path)
+
+    def expired(self, now: float) -> bool:
+        return self.work.deadline is not None and now > self.work.deadline
+
+
+class Core:
+    def __init__(self, engine: OrtGenaiEngine, wait_s: float = DEFAULT_BATCH_WAIT_S) -> None:
+        self._engine = engine
+        self._wait_s = wait_s
+        self._single: dict[int, Run] = {}
+        self._batch: dict[int, Run] = {}  # rid -> run on the og.Engine
+        self._by_request: dict[int, Run] = {}  # id(og.Request) -> run
+        self._gathering: list[Run] = []  # static batching: waiting for the group to start
+        self._gather_since = 0.0
+        self._buffer = engine.og_engine.create_event_buffer(EVENT_BUFFER) if engine.og_engine else None
+
+    @property
+    def active(self) -> int:
+        return len(self._single) + len(self._batch) + len(self._gathering)
+
+    def wait_time(self) -> float | None:
+        """How long the loop may block waiting for messages: None = until one comes."""
+        if self._single or self._batch:
+            return 0.0
+        if self._gathering:
+            if len(self._gathering) >= self._engine.batching.group_size:
+                return 0.0  # a full group starts now
+            return max(0.0, self._gather_since + self._wait_s - time.monotonic())
+        return None
+
+    # --- in -------------------------------------------------------------------------------
+    def submit(self, rid: int, work: Work) -> list[Event]:
+        received = time.monotonic()
+        try:
+            prompt = self._engine.prepare(work)
+            run = Run(rid, work, prompt, self._engine.token_stream(), "single", received)
+            mode = self._engine.batching.mode
+        except AgentError as exc:
+            return [("failed", rid, exc)]
+        if not self._engine.fits_batch(work, prompt):
+            return self._start(run, single=True)
+        if mode == "dynamic":
+            return self._start(run, single=not self.active)
+        if self._batch:
+            return self._start(run, single=False)  # waits for the running group (the engine queues it)
+        if not self._gathering:
+            self._gather_since = received
+        self._gathering.append(run)
+        return []
+
+    def cancel(self, rid: int) -> list[Event]:
+        """End a request now with the text it has; an unknown id is no error (it finished)."""
+        run = self._single.pop(rid, None)
+        if run is not None:
+            run.generator = None
+            return [("done", rid, run.result(FINISH_CANCELLED))]
+        run = next((r for r in self._gathering if r.rid == rid), None)
+        if run is not None:
+            self._gathering.remove(run)
+            return [("done", rid, run.result(FINISH_CANCELLED))]
+        run = self._batch.pop(rid, None)
+        if run is not None:
+            run.finish = FINISH_CANCELLED  # its CANCELLED event later only closes it
+            run.request.cancel_turn(run.turn)
+            return [("done", rid, run.result(FINISH_CANCELLED))]
+        log.info("inference.cancel_unknown", rid=rid)
+        return []
+
+    # --- a turn of the loop -------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        now = time.monotonic()
+        events.extend(self._expire(now))
+        group_full = len(self._gathering) >= self._engine.batching.group_size
+        if self._gathering and (group_full or now - self._gather_since >= self._wait_s):
+            events.extend(self._start_group())
+        for run in list(self._single.values()):
+            events.extend(self._step_single(run))
+        if self._buffer is not None and self._engine.og_engine.has_pending_requests():
+            events.extend(self._step_batch())
+        elif self._batch:  # never seen; without this the loop would spin on them for ever
+            lost, self._batch = self._batch, {}
+            events.extend(("failed", rid, "the batching engine lost the request") for rid in lost)
+        return events
+
+    def run_one(self, work: Work) -> Generation:
+        """Generate one request to the end (warm-up, tools, tests): raises what it fails with."""
+        events = self.submit(0, work)
+        while not events:
+            events = [e for e in self.step() if e[0] != "token"]
+        kind, _, value = events[0]
+        if kind == "failed":
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def _start_group(self) -> list[Event]:
+        group, self._gathering = self._gathering, []
+        alone = len(group) == 1 and not self._batch and not self._single
+        # alone after all: its own generator is fastest
+        return [event for run in group for event in self._start(run, single=alone)]
+
+    def _start(self, run: Run, *, single: bool) -> list[Event]:
+        """Start generating; a failure to start is that request's alone."""
+        try:
+            self._start_single(run) if single else self._start_batch(run)
+        except AgentError as exc:
+            return [("failed", run.rid, exc)]
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which answers `internal`
+            return [("failed", run.rid, f"{type(exc).__name__}: {exc}")]
+        return []
+
+    def fail_all(self, text: str) -> list[Event]:
+        """The runtime raised where no request could be blamed: every request in flight fails."""
+        runs = [*self._single.values(), *self._batch.values(), *self._gathering]
+        for run in self._batch.values():
+            try:
+                run.request.cancel_turn(run.turn)
+            except Exception:  # noqa: BLE001 - already failing; the child goes on for new work
+                pass
+        self._single.clear()
+        self._batch.clear()
+        self._gathering.clear()
+        return [("failed", run.rid, text) for run in runs]
+
+    def _start_single(self, run: Run) -> None:
+        run.path = "single"
+        run.generator = self._engine.generator(run.prompt, run.work.params)
+        self._single[run.rid] = run
+
+    def _start_batch(self, run: Run) -> None:
+        run.path = "batch"
+        run.request, run.turn = self._engine.batch_turn(run.prompt, run.work.params)
+        self._batch[run.rid] = run
+        self._by_request[id(run.request)] = run
+
+    def _step_single(self, run: Run) -> list[Event]:
+        generator = run.generator
+        if generator.is_done():
+            return self._end_single(run, run.finish or FINISH_LENGTH)
+        generator.generate_next_token()
+        piece = run.take(int(generator.get_next_tokens()[0]), self._engine.eos_ids)
+        events: list[Event] = [("token", run.rid, piece)] if piece is not None and run.work.stream else []
+        if piece is None or len(run.pieces) >= run.prompt.budget:
+            events.extend(self._end_single(run, run.finish or FINISH_LENGTH))
+        return events
+
+    def _end_single(self, run: Run, finish: str) -> list[Event]:
+        del self._single[run.rid]
+        run.generator = None
+        return [("done", run.rid, run.result(finish))]
+
+    def _step_batch(self) -> list[Event]:
+        events: list[Event] = []
+        for ev in self._engine.og_engine.run(self._buffer):
+            run = self._by_request.get(id(ev.request))
+            if run is None:
+                continue
+            flags = ev.flags
+            ended = run.rid not in self._batch  # cancelled or expired: only close it
+            if flags & og.EngineEventFlags.TOKEN and not ended:
+                piece = run.take(int(ev.token), self._engine.eos_ids)
+                if piece is not None and run.work.stream:
+                    events.append(("token", run.rid, piece))
+            if flags & (og.EngineEventFlags.TURN_FINISHED | og.EngineEventFlags.FAILED):
+                events.extend(self._end_batch(run, ev, ended))
+        return events
+
+    def _end_batch(self, run: Run, ev: Any, ended: bool) -> list[Event]:
+        self._by_request.pop(id(run.request), None)
+        run.request.close()
+        if ended:
+            return []
+        del self._batch[run.rid]
+        if ev.flags & og.EngineEventFlags.FAILED:
+            return [("failed", run.rid, f"the batching engine failed this request (error {ev.error_code})")]
+        reason = ev.finish_reason
+        finish = FINISH_STOP if reason in (og.FinishReason.EOS, og.FinishReason.STOP_STRING) else FINISH_LENGTH
+        if reason == og.FinishReason.CANCELLED:
+            finish = FINISH_CANCELLED
+        return [("done", run.rid, run.result(finish))]
+
+    def _expire(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        for run in [r for r in self._gathering if r.expired(now)]:
+            self._gathering.remove(run)
+            events.append(("failed", run.rid, Timeout("deadline passed before generation started")))
+        for run in [r for r in self._single.values() if r.expired(now)]:
+            del self._single[run.rid]
+            events.append(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens")))
+        for run in [r for r in self._batch.values() if r.expired(now)]:
+            del self._batch[run.rid]
+            run.request.cancel_turn(run.turn)
+            events.append(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens")))
+        return events

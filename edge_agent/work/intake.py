@@ -1,0 +1,258 @@
+"""The one door for work. MQTT requests, watch rule runs and Home Assistant prompts become `Job`s
+here: parsed, their reply routed, de-duplicated, and queued. Runs on the MQTT network thread
+(and the watch thread): it parses, validates and enqueues, and never generates."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Protocol
+
+import structlog
+
+from edge_agent.delivery.outbox import DUPLICATE, Delivery
+from edge_agent.errors import AgentError, Busy, Internal, Unavailable
+from edge_agent.work.inflight import InFlight
+from edge_agent.work.jobs import Job
+from edge_agent.log import get_logger
+from edge_agent.mqtt import Incoming
+from edge_agent import protocol
+from edge_agent.protocol import Request, RequestError, RequestLimits, Topics, choose_reply_topic, encode, error_payload
+from edge_agent.work.overflow import Overflow
+from edge_agent.work.lanes import Scheduler
+from edge_agent.settings.model import Settings
+from edge_agent.health.stats import Stats
+
+log = get_logger("intake")
+BUSY_RETRY_AFTER_MS = 1000
+# MQTT 5 User Property on a fleet request passed back to the pool: how many members did so
+HOPS_PROPERTY = "edge-agent-hops"
+
+
+class Host(Protocol):
+    """What the intake reads from the agent: the current snapshot of each (a reload swaps them)."""
+
+    settings: Settings
+    limits: RequestLimits
+    topics: Topics
+    scheduler: Scheduler | None  # None while the local model loads
+    overflow: Overflow | None
+
+    def stopping(self) -> bool: ...
+
+    def ack(self, incoming: Incoming) -> None: ...
+
+    def republish(self, topic: str, incoming: Incoming, *, expiry_s: int | None,
+                  user_properties: tuple[tuple[str, str], ...], on_refused: Callable[[str], None]) -> None:
+        """Publish `incoming` again, as it came (payload, Response Topic, Correlation Data), and
+        acknowledge it once the broker has the copy; `on_refused` if the broker refuses it."""
+
+
+class Intake:
+    def __init__(self, host: Host, delivery: Delivery, in_flight: InFlight, stats: Stats) -> None:
+        self._host = host
+        self._delivery = delivery
+        self._in_flight = in_flight
+        self._stats = stats
+        self.handed_back = 0  # fleet requests passed back to the pool (queue full)
+        self.hop_limit_reached = 0  # ... that could not be: passed on too often already
+
+    # --- MQTT requests -------------------------------------------------------------------
+    def take_request(self, incoming: Incoming) -> None:
+        """A request from a pipeline; every failure is an error answer, never an exception."""
+        try:
+            self._take(incoming)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, answered
+            log.exception("request.unexpected_error")
+            try:
+                self.reply_error(self._error_topic(incoming), None, Internal(
+                    f"unexpected {type(exc).__name__} while taking the request"), incoming)
+            except Exception:  # noqa: BLE001 - left unacknowledged: the broker delivers it again
+                log.exception("request.unanswered")
+
+    def _take(self, incoming: Incoming) -> None:
+        host, received = self._host, time.monotonic()
+        try:
+            # through the module, so that the fault tests' injected parser is the one used
+            request = protocol.parse_request(incoming.payload, host.limits)
+        except RequestError as exc:
+            with structlog.contextvars.bound_contextvars(request_id=exc.request_id):
+                self.reply_error(self._error_topic(incoming), exc.request_id, exc, incoming)
+            return
+        with structlog.contextvars.bound_contextvars(request_id=request.id):
+            default = self._default_reply_topic(incoming)
+            try:
+                topic = choose_reply_topic(incoming.response_topic, request.reply_to,
+                                           default, host.settings.mqtt.reply_topic_allow)
+            except AgentError as exc:
+                self.reply_error(default, request, exc, incoming)
+                return
+            if host.stopping():
+                self.reply_error(topic, request, Unavailable("the agent is stopping"), incoming)
+                return
+            if self._delivery.admit(request.id, request.id_given, incoming,
+                                    (topic, incoming.correlation_data)) == DUPLICATE:
+                return
+            job = Job(request, topic, incoming.correlation_data, received,
+                      deadline(received, request.timeout_s, incoming.expiry_s), incoming)
+            if host.scheduler is None:  # only with overflow.when "unloaded": nothing is held meanwhile
+                if not self._overflow(job, "unloaded"):
+                    self.reply_error(topic, request, Unavailable(
+                        "the model is loading and this request may not go to the overflow server"),
+                        incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
+                return
+            if self._enqueue(job):
+                log.info("request.accepted", queue_depth=host.scheduler.depth, reply_topic=topic)
+                return
+            if not self._hand_back(job, incoming):
+                self._overflow_or_busy(job, incoming)
+
+    def _overflow_or_busy(self, job: Job, incoming: Incoming) -> None:
+        """A request the queue has no room for: the overflow server's, else answered `busy`."""
+        if self._overflow(job, "busy"):
+            return
+        reason = f"queue full ({self._host.settings.limits.queue_size} waiting)"
+        hops = hops_of(incoming) if incoming.topic == self._host.topics.fleet_request else 0
+        if hops:
+            reason += f"; passed on {hops} times in the fleet already"
+        self.reply_error(job.reply_topic, job.request, Busy(reason), incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
+
+    def _hand_back(self, job: Job, incoming: Incoming) -> bool:
+        """A fleet request that finds the queue full goes back to the pool (the broker hands it
+        to a member again, maybe this one) rather than be refused while another member is idle:
+        re-published with its properties, the remaining expiry and one hop more. MQTT 5 only
+        (3.1.1 has no property to count hops in); at `mqtt.fleet_max_hops` it stays here."""
+        host = self._host
+        mqtt = host.settings.mqtt
+        if incoming.topic != host.topics.fleet_request or mqtt.protocol != "5" or mqtt.fleet_max_hops == 0:
+            return False
+        hops = hops_of(incoming)
+        if hops >= mqtt.fleet_max_hops:
+            self.hop_limit_reached += 1
+            log.info("request.hop_limit", hops=hops, fleet_max_hops=mqtt.fleet_max_hops)
+            return False
+        expiry_s = remaining_expiry_s(incoming.expiry_s, job.received_at)
+        if expiry_s == 0:  # would expire on the way (and 0 on the wire means "never")
+            return False
+        # Forgotten before the copy leaves: it may come back to this agent as a new request.
+        if not self._delivery.release(job.request.id, job.request.id_given):
+            return False
+        self.handed_back += 1
+        log.info("request.handed_back", hops=hops + 1, expiry_s=expiry_s,
+                 queue_size=host.settings.limits.queue_size)
+        properties = tuple(p for p in incoming.user_properties if p[0] != HOPS_PROPERTY)
+        host.republish(host.topics.fleet_request, incoming, expiry_s=expiry_s,
+                       user_properties=(*properties, (HOPS_PROPERTY, str(hops + 1))),
+                       on_refused=lambda reason: self._hand_back_refused(job, incoming, reason))
+        return True
+
+    def _hand_back_refused(self, job: Job, incoming: Incoming, reason: str) -> None:
+        """The broker refused the copy (an ACL that lets members subscribe, not publish, to
+        the fleet topic): the request stays with this agent after all. Network thread."""
+        with structlog.contextvars.bound_contextvars(request_id=job.request.id):
+            log.warning("request.hand_back_refused", reason=reason)
+            self._overflow_or_busy(job, incoming)
+
+    def take_cancel(self, incoming: Incoming) -> None:
+        """`{"id"}` on the cancel topic: that request ends, answered with the text it has.
+        Unknown or finished ids change nothing; a malformed cancel gets an error answer."""
+        self._host.ack(incoming)  # nothing to keep: a cancel lost in a crash has nothing to end
+        try:
+            request_id = protocol.parse_cancel(incoming.payload, self._host.limits.max_payload_bytes)
+        except AgentError as exc:
+            self.reply_error(self._error_topic(incoming), None, exc, None)
+            return
+        found = self._in_flight.cancel(request_id)
+        log.info("request.cancel", request_id=request_id, found=found, topic=incoming.topic)
+
+    # --- work that does not come as a request payload ------------------------------------------
+    def submit_fields(self, fields: dict[str, Any], on_done: Callable[[bytes, str], None], *,
+                      background: bool, trusted: bool, timeout_s: float | None = None) -> bool:
+        """A request written here (a watch rule's run, a Home Assistant prompt), parsed like any
+        other; its answer goes to `on_done(payload, outcome)`. `trusted`: from the settings file
+        (free prompts allowed whatever `allow_free_prompts` says). False when the queue is full or
+        the agent is stopping; a request that does not parse is answered through `on_done`."""
+        host, received = self._host, time.monotonic()
+        limits = dataclasses.replace(host.limits, allow_free_prompts=True) if trusted else host.limits
+        try:
+            request = protocol.parse_request(encode(fields), limits)
+        except RequestError as exc:
+            on_done(error_payload(exc.request_id, exc.code, exc.message), exc.code.value)
+            return True
+        if host.stopping() or host.scheduler is None:
+            return False
+        job = Job(request, "", None, received, deadline(received, timeout_s, None),
+                  background=background, on_done=on_done)
+        return self._enqueue(job)
+
+    def fleet_info(self) -> dict[str, int]:
+        return {"handed_back": self.handed_back, "hop_limit_reached": self.hop_limit_reached}
+
+    def _overflow(self, job: Job, reason: str) -> bool:
+        overflow = self._host.overflow
+        return overflow is not None and self._tracked(job, lambda queued: overflow.submit(queued, reason))
+
+    def _enqueue(self, job: Job) -> bool:
+        scheduler = self._host.scheduler
+        assert scheduler is not None
+        return self._tracked(job, scheduler.submit)
+
+    def _tracked(self, job: Job, submit: Callable[[Job], bool]) -> bool:
+        """Queued by `submit`, and reachable by a cancel from the moment it is: registered
+        before, forgotten again when it was not taken."""
+        self._in_flight.add(job)
+        if submit(job):
+            return True
+        self._in_flight.forget(job)
+        return False
+
+    # --- replies ------------------------------------------------------------------------------
+    def reply_error(self, topic: str, request: Request | str | None, exc: AgentError,
+                    incoming: Incoming | None, **extra: object) -> None:
+        """An error answer given instead of running the request: a re-send of its id may run."""
+        self._stats.requests.count(exc.code.value)
+        log.info("request.rejected", code=exc.code.value, reason=exc.message)
+        request_id = request.id if isinstance(request, Request) else request
+        id_given = request.id_given if isinstance(request, Request) else request is not None
+        self._delivery.answer(request_id, id_given, topic,
+                              error_payload(request_id, exc.code, exc.message, **extra),
+                              incoming.correlation_data if incoming else None, incoming, final=False)
+
+    def _default_reply_topic(self, incoming: Incoming) -> str:
+        """A fleet request (shared subscription) is answered on the fleet's response topic."""
+        topics = self._host.topics
+        return topics.fleet_response if incoming.topic == topics.fleet_request else topics.response
+
+    def _error_topic(self, incoming: Incoming) -> str:
+        """Where the error for an unreadable request goes: its response topic if usable."""
+        default = self._default_reply_topic(incoming)
+        try:
+            return choose_reply_topic(incoming.response_topic, None, default,
+                                      self._host.settings.mqtt.reply_topic_allow)
+        except AgentError:
+            return default
+
+
+def hops_of(incoming: Incoming) -> int:
+    """How many fleet members passed this request on before (0: none, or unreadable)."""
+    for key, value in incoming.user_properties:
+        if key == HOPS_PROPERTY:
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return 0
+    return 0
+
+
+def remaining_expiry_s(expiry_s: int | None, received: float) -> int | None:
+    """What is left of a Message Expiry Interval (the broker already took off its own wait),
+    to the nearest second (MQTT counts whole seconds; rounding down would take up to a second
+    off at every hop). None: it never expires."""
+    if expiry_s is None:
+        return None
+    return max(0, round(expiry_s - (time.monotonic() - received)))
+
+
+def deadline(received: float, timeout_s: float | None, expiry_s: int | None) -> float | None:
+    limits = [v for v in (timeout_s, expiry_s) if v is not None]
+    return received + min(limits) if limits else None
