@@ -70,7 +70,7 @@ def catalog_file() -> Path:
     """$EDGE_AGENT_CATALOG, else the checkout's models/, else the copy a wheel installs."""
     if os.environ.get(CATALOG_ENV):
         return Path(os.environ[CATALOG_ENV])
-    checkout = Path(__file__).resolve().parent.parent / "models" / "catalog.toml"
+    checkout = Path(__file__).resolve().parents[2] / "models" / "catalog.toml"
     return checkout if checkout.is_file() else Path(sys.prefix) / "share" / "edge-agent" / "catalog.toml"
 
 
