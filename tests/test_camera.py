@@ -17,7 +17,8 @@ from edge_agent.cameras.camera import Camera, has_gstreamer, validate_cameras
 from edge_agent.cameras.camera_set import CameraSet
 from edge_agent.errors import BadRequest, CameraUnavailable, ConfigError, StaleFrame
 from edge_agent.settings.model import CameraSettings, Settings
-from edge_agent.settings.sources import redact, source_kind
+from edge_agent.settings.base import redact
+from edge_agent.settings.sources import source_kind
 from video import UdpStream, free_udp_port, make_clip
 
 # Small timing settings: a dead stream is noticed in 1 s, reopened within 1 s.

@@ -14,7 +14,8 @@ from edge_agent.settings.catalog import (PULLED_MARKER, choose_variant, get_entr
                                 load_catalog, partial, pull, resolve_model_path)
 from edge_agent.errors import CatalogError, ConfigError
 from edge_agent.hardware import Gpu, Hardware
-from edge_agent.settings.model import Settings, load_settings
+from edge_agent.settings.files import load_settings
+from edge_agent.settings.model import Settings
 
 GB = 1024
 H100 = Hardware(machine="x86_64", cpu_vendor="amd", cpu_model="EPYC", nvidia_gpus=(Gpu("NVIDIA H100", 80 * GB),),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import ConfigError
-from edge_agent.settings.model import explain_settings, load_settings
+from edge_agent.settings.files import explain_settings, load_settings
 
 
 @pytest.fixture

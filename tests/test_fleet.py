@@ -91,7 +91,7 @@ def test_fleet_reply_rules_and_a_stopped_member(
 
 def test_fleet_is_a_reserved_device_id(tmp_path: Any) -> None:
     from edge_agent.errors import ConfigError
-    from edge_agent.settings.model import load_settings
+    from edge_agent.settings.files import load_settings
 
     config = tmp_path / "agent.toml"
     config.write_text('device_id = "fleet"\n')

@@ -293,7 +293,7 @@ def test_unreadable_genai_config_exits_78(tmp_path: Path) -> None:
 
 def test_relative_camera_files_are_taken_from_the_settings_folder(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from edge_agent.settings.model import load_settings
+    from edge_agent.settings.files import load_settings
 
     etc = tmp_path / "etc"
     (etc / "conf.d").mkdir(parents=True)

@@ -40,7 +40,8 @@ from edge_agent.log import get_logger
 from edge_agent.settings.model import CameraSettings
 from edge_agent.backoff import backoff_delay
 from edge_agent.cameras.motion import MotionListener, MotionWatch
-from edge_agent.settings.sources import redact, source_kind, source_problems
+from edge_agent.settings.base import redact
+from edge_agent.settings.sources import source_kind, source_problems
 
 log = get_logger("camera")
 

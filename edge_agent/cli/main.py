@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(config: str | None, with_sources: bool = False) -> Any:
     from edge_agent.errors import ConfigError
-    from edge_agent.settings.model import load_settings
+    from edge_agent.settings.files import load_settings
 
     try:
         settings, sources = load_settings(config)
@@ -83,7 +83,7 @@ def _load(config: str | None, with_sources: bool = False) -> Any:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from edge_agent.cameras.camera import validate_cameras
     from edge_agent.errors import ConfigError
-    from edge_agent.settings.model import describe_settings, explain_settings
+    from edge_agent.settings.files import describe_settings, explain_settings
 
     settings, sources = _load(args.config, with_sources=True)
     if settings is None:

@@ -64,7 +64,7 @@ def add_parsers(commands: Any, config_help: str) -> None:
 
 def _settings(config: str | None) -> Any:
     from edge_agent.errors import ConfigError
-    from edge_agent.settings.model import load_settings
+    from edge_agent.settings.files import load_settings
 
     try:
         settings, _ = load_settings(config)

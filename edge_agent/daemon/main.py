@@ -15,7 +15,8 @@ from edge_agent.errors import EXIT_CONFIG, BrokerError, ConfigError, ModelLoadEr
 from edge_agent.health.service import SystemdNotifier, SystemdService
 from edge_agent.log import get_logger
 from edge_agent.daemon.reload import ConfigWatcher
-from edge_agent.settings.model import ConfigSources, Settings, load_settings
+from edge_agent.settings.files import ConfigSources, load_settings
+from edge_agent.settings.model import Settings
 
 log = get_logger("daemon")
 EXIT_OK, EXIT_FAILURE = 0, 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -24,17 +23,12 @@ import httpx
 from edge_agent.errors import AgentError, BadRequest, Internal, Timeout, Unavailable, Unsupported
 from edge_agent.inference.types import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Generation, Work
 from edge_agent.log import get_logger
+from edge_agent.settings.base import redact as shown_url  # the API key is never in a URL: it goes in a header
 from edge_agent.settings.remote import CREDENTIAL_NAME, RemoteServerSettings
 
 log = get_logger("openai")
 PROVIDER = "openai"
-URL_CREDENTIALS = re.compile(r"(://)[^/@]*@")
 PROBE_TIMEOUT_S = 5.0
-
-
-def shown_url(url: str) -> str:
-    """The URL without user:password (the API key is never in it: it goes in a header)."""
-    return URL_CREDENTIALS.sub(r"\1***@", url)
 
 
 def read_api_key(settings: RemoteServerSettings, environ: dict[str, str] | None = None) -> str | None:

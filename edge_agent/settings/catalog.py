@@ -20,7 +20,7 @@ else:  # JetPack 6 ships Python 3.10
     import tomli as tomllib
 
 from edge_agent.errors import CatalogError, ConfigError
-from edge_agent.hardware import Hardware, accelerator_candidates
+from edge_agent.hardware import Hardware, accelerator_candidates, detect
 
 if TYPE_CHECKING:
     from edge_agent.settings.model import Settings
@@ -201,8 +201,6 @@ def _provider_order(settings: Settings, hardware_probe: Callable[[], Hardware] |
     requested = settings.model.provider
     if requested != "auto":
         return [requested, *settings.model.fallback, "cpu"]
-    from edge_agent.hardware import detect
-
     hw = (hardware_probe or detect)()
     return [*box_providers(hw), *settings.model.fallback]
 

@@ -16,9 +16,11 @@ if sys.version_info >= (3, 11):
 else:  # JetPack 6 ships Python 3.10
     import tomli as tomllib
 
-from edge_agent.settings.catalog import is_catalog_name
 from edge_agent.errors import ConfigError
-from edge_agent.settings.model import CROSS_TABLE_MARK, ENV_PREFIX, PATH_KEYS, URL_CREDENTIALS, Settings
+from edge_agent.settings.base import redact
+from edge_agent.settings.catalog import is_catalog_name
+from edge_agent.settings.model import CROSS_TABLE_MARK, ENV_PREFIX, PATH_KEYS, Settings
+from edge_agent.settings.sources import source_kind
 
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
@@ -58,8 +60,6 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             if keys == ("model", "path") and is_catalog_name(table["path"]):
                 continue  # a catalog name, resolved under state_dir by catalog.resolve_model_path
             table[keys[-1]] = resolved(table[keys[-1]])
-    from edge_agent.settings.sources import source_kind  # it imports this module
-
     cameras = data.get("cameras")  # a table of free names: only file sources are paths
     for camera in cameras.values() if isinstance(cameras, dict) else ():
         source = camera.get("source") if isinstance(camera, dict) else None
@@ -162,5 +162,5 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     data["mqtt"]["client_id"] = settings.client_id
     for camera in data["cameras"].values():
-        camera["source"] = URL_CREDENTIALS.sub(r"\1***@", str(camera["source"]))
+        camera["source"] = redact(camera["source"])
     return data

@@ -2,7 +2,7 @@
 
 Precedence (highest first): environment `EDGE_AGENT_*` (`__` nests: `EDGE_AGENT_MQTT__PORT`),
 the TOML file, defaults. Unknown keys and bad values are errors naming the file and key. This
-module holds the models; settings_files.py reads and merges the files.
+module holds the models; files.py reads and merges the files.
 """
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edge_agent.protocol.prompts import template_fields
+from edge_agent.settings.base import StrictModel, check_names, check_segment
 from edge_agent.settings.remote import OverflowSettings, RemoteServerSettings
 from edge_agent.settings.watch import (HomeAssistantSettings, MotionSettings, WatchRuleSettings, checked_response_format,
                                        watch_problems)
 
 ENV_PREFIX = "EDGE_AGENT_"
 CROSS_TABLE_MARK = "across tables:\n"  # a model-level error: one problem per line, each named
-URL_CREDENTIALS = re.compile(r"(://)[^/@]*@")
-TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROVIDERS = ("auto", "cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
 # Keys holding paths; relative values are taken relative to the config file's folder (so is a
 # camera's file source: see _resolve_paths).
@@ -32,34 +31,17 @@ PATH_KEYS = (("model", "path"), ("state_dir",), ("mqtt", "password_file"), ("mqt
              ("openai", "ca_file"), ("overflow", "api_key_file"), ("overflow", "ca_file"))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _default_device_id() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "edge"
 
 
-def _check_segment(value: str, what: str) -> str:
-    if not TOPIC_SEGMENT.fullmatch(value):  # not match: "$" also matches before a final newline
-        raise ValueError(f"{what} must be 1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit (no '/', '+', '#', '$')")
-    return value
-
-
-def _check_names(table: dict[str, Any], what: str) -> dict[str, Any]:
-    """Names of [<section>.<name>] tables: requests name them, so no paths and no wildcards."""
-    for name in table:
-        _check_segment(name, f"{what} name {name!r}")
-    return table
-
-
-class TlsSettings(_Strict):
+class TlsSettings(StrictModel):
     ca_file: Path | None = Field(None, description="CA certificate that signed the broker's certificate")
     cert_file: Path | None = Field(None, description="client certificate, for mutual TLS")
     key_file: Path | None = Field(None, description="client private key, for mutual TLS")
 
 
-class MqttSettings(_Strict):
+class MqttSettings(StrictModel):
     host: str = Field("localhost", description="broker host name or address")
     port: int = Field(1883, ge=1, le=65535, description="broker port")
     topic_prefix: str = Field("edge-agent", description="first topic level of every topic")
@@ -92,15 +74,15 @@ class MqttSettings(_Strict):
     @field_validator("topic_prefix")
     @classmethod
     def _prefix_is_segment(cls, value: str) -> str:
-        return _check_segment(value, "topic_prefix")
+        return check_segment(value, "topic_prefix")
 
     @field_validator("shared_group")
     @classmethod
     def _group_is_segment(cls, value: str | None) -> str | None:
-        return None if value is None else _check_segment(value, "shared_group")
+        return None if value is None else check_segment(value, "shared_group")
 
 
-class ModelSettings(_Strict):
+class ModelSettings(StrictModel):
     backend: Literal["onnxruntime-genai", "openai"] = Field(
         "onnxruntime-genai", description="onnxruntime-genai: the local model below; openai: the "
         "OpenAI-compatible server of [openai] (the local model settings are then unused)")
@@ -116,7 +98,7 @@ class ModelSettings(_Strict):
     warmup: bool = Field(True, description="run one short generation before reporting ready")
 
 
-class CameraSettings(_Strict):
+class CameraSettings(StrictModel):
     source: str | int = Field(description="V4L2 index or /dev/videoN, a file (looped), an rtsp/http(s)/"
                               "udp/tcp URL, or a GStreamer pipeline (contains '!')")
     mode: Literal["continuous", "on_demand"] = Field(
@@ -137,7 +119,7 @@ class CameraSettings(_Strict):
     motion: MotionSettings = Field(default_factory=MotionSettings, description="[cameras.<name>.motion]")
 
 
-class ImageSettings(_Strict):
+class ImageSettings(StrictModel):
     max_image_bytes: int = Field(3 * 1024 * 1024, ge=1024, description="encoded size cap of one image")
     max_image_pixels: int = Field(40_000_000, ge=1024, description="declared width*height cap")
     max_images: int = Field(4, ge=1, le=16, description="images (all sources) in one request")
@@ -145,7 +127,7 @@ class ImageSettings(_Strict):
     jpeg_quality: int = Field(90, ge=30, le=100, description="quality of the re-encoded JPEG")
 
 
-class DeliverySettings(_Strict):
+class DeliverySettings(StrictModel):
     outbox_max_items: int = Field(10000, ge=1, description="answers kept on disk until the broker has them")
     outbox_max_age_s: float = Field(86400.0, gt=0, description="older unsent answers are dropped (counted)")
     dedup_window_s: float = Field(3600.0, ge=0, description="a request id seen this recently is not run again")
@@ -153,7 +135,7 @@ class DeliverySettings(_Strict):
                                       "ends keep their state; 1 for brokers without QoS 2 (AWS IoT Core)")
 
 
-class LimitsSettings(_Strict):
+class LimitsSettings(StrictModel):
     queue_size: int = Field(8, ge=1, le=10000, description="requests waiting for a free inference slot")
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=512, le=64 * 1024 * 1024,
                                    description="request size cap (base64 images count: 4/3 of their bytes)")
@@ -161,7 +143,7 @@ class LimitsSettings(_Strict):
     max_timeout_s: float = Field(3600.0, gt=0, description="largest timeout_s a request may ask")
 
 
-class InferenceSettings(_Strict):
+class InferenceSettings(StrictModel):
     max_batch: int | None = Field(None, ge=1, le=256, description="requests generating at once "
                                   "(the rest wait in the queue); default 8 on CPU, 16 on an accelerator")
     batching: bool = Field(True, description="let requests share the runtime's batching engine "
@@ -172,12 +154,12 @@ class InferenceSettings(_Strict):
                                   "request (prompt + answer tokens); longer requests run on their own generator")
 
 
-class StreamSettings(_Strict):
+class StreamSettings(StrictModel):
     interval_ms: int = Field(100, ge=0, le=60_000, description="chunks of a streamed answer are at "
                              "least this far apart (tokens in between are coalesced)")
 
 
-class TemplateSettings(_Strict):
+class TemplateSettings(StrictModel):
     text: str = Field(min_length=1, description="the user message; each {name} is replaced by the "
                       "request's vars.name (plain {name} fields only; '{{' and '}}' for braces)")
     system: str | None = Field(None, min_length=1, description="system message sent before it")
@@ -198,7 +180,7 @@ class TemplateSettings(_Strict):
         return checked_response_format(value)
 
 
-class PromptSettings(_Strict):
+class PromptSettings(StrictModel):
     allow_free_prompts: bool = Field(True, description="accept prompt, messages and system from "
                                      "requests; false: only the templates below ('forbidden' otherwise)")
     templates: dict[str, TemplateSettings] = Field(default_factory=dict,
@@ -207,7 +189,7 @@ class PromptSettings(_Strict):
     @field_validator("templates")
     @classmethod
     def _template_names(cls, value: dict[str, TemplateSettings]) -> dict[str, TemplateSettings]:
-        return _check_names(value, "template")
+        return check_names(value, "template")
 
     @model_validator(mode="after")
     def _something_allowed(self) -> PromptSettings:
@@ -250,17 +232,17 @@ class Settings(BaseSettings):
     def _device_is_segment(cls, value: str) -> str:
         if value == "fleet":  # <prefix>/fleet/request is the shared fleet topic
             raise ValueError("device_id 'fleet' is reserved for the fleet topics")
-        return _check_segment(value, "device_id")
+        return check_segment(value, "device_id")
 
     @field_validator("cameras")
     @classmethod
     def _camera_names(cls, value: dict[str, CameraSettings]) -> dict[str, CameraSettings]:
-        return _check_names(value, "camera")
+        return check_names(value, "camera")
 
     @field_validator("watch")
     @classmethod
     def _rule_names(cls, value: dict[str, WatchRuleSettings]) -> dict[str, WatchRuleSettings]:
-        return _check_names(value, "watch rule")
+        return check_names(value, "watch rule")
 
     @model_validator(mode="after")
     def _tables_agree(self) -> Settings:
@@ -291,10 +273,3 @@ class Settings(BaseSettings):
         # The file's contents arrive as init kwargs; the environment must win over them.
         return (env_settings, init_settings)
 
-
-# Loading from files lives in settings_files.py; these names are part of this module's API.
-from edge_agent.settings.files import (ConfigSources, config_path, describe_settings,  # noqa: E402
-                                       dropin_files, explain_settings, load_settings, read_toml)
-
-__all__ = ["ConfigSources", "Settings", "config_path", "describe_settings", "dropin_files",
-           "explain_settings", "load_settings", "read_toml"]

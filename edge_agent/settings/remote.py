@@ -1,5 +1,5 @@
 """Settings of OpenAI-compatible servers: the backend (`[openai]`, with `[model] backend =
-"openai"`) and the overflow (`[overflow]`). Split from settings.py to keep modules small."""
+"openai"`) and the overflow (`[overflow]`). Split from model.py to keep modules small."""
 
 from __future__ import annotations
 
@@ -7,17 +7,15 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from edge_agent.settings.base import StrictModel
 
 CREDENTIAL_NAME = "openai-api-key"  # systemd LoadCredential= name read when api_key_file is unset
 OVERFLOW_WHEN = ("busy", "unloaded")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RemoteServerSettings(_Strict):
+class RemoteServerSettings(StrictModel):
     base_url: str = Field("", description="the server's API root, e.g. http://10.0.0.9:11434/v1 "
                           "(Ollama), http://10.0.0.9:8080/v1 (llama.cpp), https://models.github.ai/inference")
     model: str = Field("", description="the model name the server knows (e.g. phi3.5)")

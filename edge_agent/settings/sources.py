@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from edge_agent.settings.model import URL_CREDENTIALS, CameraSettings
+from edge_agent.settings.base import redact
+from edge_agent.settings.model import CameraSettings
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtp", "srt", "http", "https", "udp", "tcp")
 
@@ -21,11 +22,6 @@ def source_kind(source: str | int) -> str:
     if scheme:
         return "network" if scheme[1].lower() in NETWORK_SCHEMES else "unknown"
     return "file"
-
-
-def redact(source: str | int) -> str:
-    """The source as it may be logged: without a URL's user name and password."""
-    return URL_CREDENTIALS.sub(r"\1***@", str(source))
 
 
 def source_problems(name: str, settings: CameraSettings, gstreamer: bool) -> list[str]:

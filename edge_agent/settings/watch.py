@@ -1,6 +1,6 @@
 """Settings of the agent's own looking: motion per camera, watch rules, Home Assistant discovery.
 
-Split from settings.py to keep modules small; `Settings` holds these tables and checks what
+Split from model.py to keep modules small; `Settings` holds these tables and checks what
 crosses tables (a rule's camera exists and runs continuously, its template's fields are filled).
 """
 
@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from edge_agent.errors import AgentError
+from edge_agent.protocol.prompts import template_fields
+from edge_agent.protocol.structured import parse_response_format
+from edge_agent.settings.base import StrictModel, check_segment
 
 
 def checked_response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
     """A response_format from the settings, checked as a request's would be (ValueError)."""
     if value is not None:
-        from edge_agent.errors import AgentError
-        from edge_agent.protocol.structured import parse_response_format
-
         try:
             parse_response_format(value)
         except AgentError as exc:
@@ -25,11 +26,7 @@ def checked_response_format(value: dict[str, Any] | None) -> dict[str, Any] | No
     return value
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MotionSettings(_Strict):
+class MotionSettings(StrictModel):
     """A Frigate-style detector on a small grayscale copy of the frames the capture thread grabs."""
 
     enabled: bool = Field(False, description="detect motion on this camera (mode = continuous only)")
@@ -43,7 +40,7 @@ class MotionSettings(_Strict):
     off_delay_s: float = Field(3.0, ge=0, le=3600, description="motion turns OFF after this long without any")
 
 
-class WatchRuleSettings(_Strict):
+class WatchRuleSettings(StrictModel):
     """`[watch.<name>]`: look at a camera on a schedule or on motion, ask a fixed question."""
 
     camera: str = Field(description="a camera of [cameras]")
@@ -90,16 +87,14 @@ class WatchRuleSettings(_Strict):
         return self
 
 
-class HomeAssistantSettings(_Strict):
+class HomeAssistantSettings(StrictModel):
     enabled: bool = Field(False, description="announce this agent to Home Assistant (MQTT discovery)")
     discovery_prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix")
 
     @field_validator("discovery_prefix")
     @classmethod
     def _prefix_is_segment(cls, value: str) -> str:
-        from edge_agent.settings.model import _check_segment
-
-        return _check_segment(value, "discovery_prefix")
+        return check_segment(value, "discovery_prefix")
 
 
 def watch_problems(settings: Any) -> list[str]:
@@ -130,8 +125,6 @@ def watch_problems(settings: Any) -> list[str]:
 
 
 def _template_problems(where: str, rule: WatchRuleSettings, settings: Any) -> list[str]:
-    from edge_agent.protocol.prompts import template_fields
-
     template = settings.prompts.templates.get(rule.template)
     if template is None:
         known = ", ".join(sorted(settings.prompts.templates)) or "none configured"
