@@ -3,6 +3,7 @@ keeps the running settings and says why in the status."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -169,3 +170,25 @@ def test_reading_the_file_is_not_an_edit(tmp_path: Path) -> None:
     finally:
         watcher.stop()
     assert len(calls) == 1, calls
+
+
+def test_a_queued_request_keeps_the_settings_it_was_accepted_under(
+        broker: Broker, client: Client, start_agent: Callable[..., AgentProcess], tmp_path: Path) -> None:
+    """A reload is one snapshot swap: a request waiting in the queue when `model.max_new_tokens`
+    goes from 40 to 3 runs with 40 (the settings it was accepted under); the next one with 3."""
+    from faults import fault_hooks_env
+
+    agent = start_agent(broker, client, reload_debounce_s=0.1, model__max_new_tokens=40,
+                        inference__max_batch=1, inference__batching=False,
+                        env=fault_hooks_env(tmp_path / "hooks"))
+    client.subscribe(agent.response_topic)
+    for n in range(3):  # each keeps the one worker a second: the queued request waits behind them
+        client.publish(agent.request_topic, json.dumps({"id": f"slow-{n}", "prompt": "SLOW", "max_tokens": 1}))
+    client.publish(agent.request_topic, json.dumps({"id": "queued", "prompt": "hello"}))
+    time.sleep(0.3)
+    agent.rewrite(model__max_new_tokens=3)
+    queued = client.wait_for(lambda d: d.get("id") == "queued", 30)
+    assert any(line["event"] == "config.applied" for line in agent.log_lines()), "the reload came too late"
+    assert queued["ok"] and queued["usage"]["completion_tokens"] == 40, queued
+    after = ask(client, agent, {"prompt": "hello"})
+    assert after["ok"] and after["usage"]["completion_tokens"] == 3, after

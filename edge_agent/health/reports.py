@@ -15,24 +15,28 @@ log = get_logger("app")
 STATUS_REFRESH_S = 30.0
 
 
-class Source(Protocol):
-    """The agent, as the reports read it (the current snapshot of each part)."""
+class Current(Protocol):
+    """The settings snapshot, as the reports read it: read once per report."""
 
-    link: Any
-    topics: Any
-    settings: Any
+    @property
+    def link(self) -> Any: ...
 
-    def cameras_info(self) -> dict[str, dict[str, Any]]: ...
+    @property
+    def topics(self) -> Any: ...
 
-    def work_info(self) -> dict[str, Any]: ...
-
-    def live_status(self, cameras: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]: ...
+    @property
+    def settings(self) -> Any: ...
 
 
 class Reports:
-    def __init__(self, source: Source, status: StatusBoard, stats: Stats,
+    def __init__(self, current: Callable[[], Current], status: StatusBoard, stats: Stats,
+                 cameras_info: Callable[[], dict[str, dict[str, Any]]], work_info: Callable[[], dict[str, Any]],
+                 live_status: Callable[[dict[str, dict[str, Any]]], dict[str, Any]],
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._source = source
+        self._current = current
+        self._cameras_info = cameras_info
+        self._work_info = work_info
+        self._live_status = live_status
         self.status = status
         self.stats = stats
         self._clock = clock
@@ -47,12 +51,12 @@ class Reports:
     def refresh_status(self, force: bool = False) -> None:
         """Republish when a camera changed state or motion, or every STATUS_REFRESH_S for fps,
         ages and the watch rules' counts."""
-        cameras = self._source.cameras_info()
+        cameras = self._cameras_info()
         states = {name: (info["state"], info.get("motion")) for name, info in cameras.items()}
         now = self._clock()
         if force or states != self._camera_states or now - self._status_at >= STATUS_REFRESH_S:
             self._camera_states = states
-            self.set_status(self.status.state, **self._source.live_status(cameras))
+            self.set_status(self.status.state, **self._live_status(cameras))
 
     def publish_status(self) -> None:
         self._status_at = self._clock()
@@ -61,21 +65,21 @@ class Reports:
         # the request subscription: a request sent on seeing `ready` was lost. Queued while
         # disconnected, it went out after the current one: a ready agent's retained status
         # said `starting`.
-        link = self._source.link
-        if link.connected:
-            link.publish(self._source.topics.status, self.status.payload(), retain=True)
+        snapshot = self._current()
+        if snapshot.link.connected:
+            snapshot.link.publish(snapshot.topics.status, self.status.payload(), retain=True)
 
     def publish_stats(self) -> None:
         """Every `stats_interval_s` (0: never). QoS 0, not retained: a missed one is
         replaced by the next, and none pile up in paho's queue while the broker is away."""
-        interval, now = self._source.settings.stats_interval_s, self._clock()
+        snapshot = self._current()
+        interval, now = snapshot.settings.stats_interval_s, self._clock()
         if interval <= 0 or now - self._stats_at < interval:
             return
         self._stats_at = now
         try:
-            work = self._source.work_info()
-            doc = self.stats.document(device_id=self._source.settings.device_id,
-                                      cameras=self._source.cameras_info(),
+            work = self._work_info()
+            doc = self.stats.document(device_id=snapshot.settings.device_id, cameras=self._cameras_info(),
                                       queue_depth=work["queue_depth"], busy_rejected=work["busy_rejected"])
             doc.update(in_flight=work["in_flight"], delivery=work["delivery"],
                        inference_restarts=work["inference_restarts"], watch=work["watch"],
@@ -83,4 +87,4 @@ class Reports:
         except Exception:  # noqa: BLE001 - stats must never take the daemon down
             log.exception("stats.failed")
             return
-        self._source.link.publish(self._source.topics.stats, encode(doc), qos=0)
+        snapshot.link.publish(snapshot.topics.stats, encode(doc), qos=0)

@@ -64,6 +64,10 @@ class RequestHandler:
         self._on_generated = on_generated  # sees each engine result (stats: decode speed)
         self._stream_interval_s = stream_interval_s
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     def handle(self, job: Job, publish_chunk: Callable[[int, str], None] | None = None) -> tuple[bytes, str]:
         """Returns (payload, outcome) where outcome is "ok" or an error code. `publish_chunk`
         sends a streamed request's chunks (seq, delta)."""

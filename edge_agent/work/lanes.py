@@ -136,6 +136,12 @@ class Scheduler:
         with self._lanes.cond:
             self._lanes.maxsize = queue_size
 
+    def jobs(self) -> list[Job]:
+        """Queued and running, at this moment."""
+        with self._lanes.cond:
+            queued = [item for item in (*self._lanes.requests, *self._lanes.background) if isinstance(item, Job)]
+        return queued + [job for job in (worker.job for worker in self._workers) if job is not None]
+
     def submit(self, job: Job) -> bool:
         if self._lanes.put(job):
             return True
@@ -164,6 +170,7 @@ class _Worker:
         self.thread = threading.Thread(target=self._work, name=name, daemon=True)
         self.last_beat = time.monotonic()
         self.busy: tuple[float, float | None] | None = None  # (started, deadline) of the job
+        self.job: Job | None = None
         self.retiring = False
 
     def progressing(self, budget_s: float, now: float) -> bool:
@@ -185,7 +192,7 @@ class _Worker:
             if item is _STOP:
                 return
             assert isinstance(item, Job)
-            self.busy = (time.monotonic(), item.deadline)
+            self.busy, self.job = (time.monotonic(), item.deadline), item
             with structlog.contextvars.bound_contextvars(request_id=item.request.id):
                 try:
                     self._process(item)
@@ -193,6 +200,6 @@ class _Worker:
                     log.exception("worker.process_failed")
                 finally:
                     self.last_beat = time.monotonic()  # before busy clears: never looks stale
-                    self.busy = None
+                    self.busy = self.job = None
                     if item.background:
                         self._lanes.background_done()

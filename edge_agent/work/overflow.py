@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from edge_agent.work.handler import RequestHandler
-from edge_agent.work.jobs import Job
+from edge_agent.work.jobs import Job, run
 from edge_agent.log import get_logger
 from edge_agent.inference.openai_client import OpenAIServer
 from edge_agent.protocol import Request
@@ -20,14 +20,12 @@ log = get_logger("overflow")
 
 
 class Overflow:
-    def __init__(self, settings: OverflowSettings, handler_for: Callable[[OpenAIServer], RequestHandler],
-                 process: Callable[[Job, RequestHandler], None]) -> None:
+    def __init__(self, settings: OverflowSettings, handler_for: Callable[[OpenAIServer], RequestHandler]) -> None:
         self.settings = settings
         self.server = OpenAIServer(settings, role="overflow")
         self.handler = handler_for(self.server)
         # Its queue holds as many as it runs: past that, a request is answered `busy` as before.
-        self.scheduler = Scheduler(settings.max_in_flight, lambda job: process(job, self.handler),
-                                   settings.max_in_flight)
+        self.scheduler = Scheduler(settings.max_in_flight, run, settings.max_in_flight)
         self.sent = {"busy": 0, "unloaded": 0}
 
     def start(self) -> None:
@@ -50,7 +48,11 @@ class Overflow:
         return None
 
     def submit(self, job: Job, reason: str) -> bool:
-        if self.refusal(job.request, reason) is not None or not self.scheduler.submit(job):
+        if self.refusal(job.request, reason) is not None:
+            return False
+        local_runner, job.runner = job.runner, self.handler
+        if not self.scheduler.submit(job):
+            job.runner = local_runner
             return False
         self.sent[reason] += 1
         log.info("request.overflow", reason=reason, url=self.server.url, queue_depth=self.scheduler.depth)

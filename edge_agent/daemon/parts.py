@@ -1,0 +1,43 @@
+"""The parts made from one settings snapshot: the request limits, the engine, the state store."""
+
+from __future__ import annotations
+
+from edge_agent.delivery.store import Store
+from edge_agent.inference.process import LocalInference
+from edge_agent.inference.openai_client import OpenAIServer
+from edge_agent.protocol import RequestLimits
+from edge_agent.protocol.prompts import PromptTemplate
+from edge_agent.protocol.structured import parse_response_format
+from edge_agent.settings.catalog import is_catalog_name, resolve_model_path
+from edge_agent.settings.model import Settings
+
+
+def request_limits(settings: Settings) -> RequestLimits:
+    templates = {name: PromptTemplate(t.text, t.system, t.max_tokens,
+                                      parse_response_format(t.response_format) if t.response_format else None)
+                 for name, t in settings.prompts.templates.items()}
+    return RequestLimits(settings.limits.max_payload_bytes, settings.limits.max_prompt_chars,
+                         settings.model.max_new_tokens, settings.limits.max_timeout_s,
+                         settings.images.max_images, frozenset(settings.cameras),
+                         settings.prompts.allow_free_prompts, templates)
+
+
+def make_engine(settings: Settings) -> LocalInference | OpenAIServer:
+    if settings.model.backend == "openai":
+        return OpenAIServer(settings.openai, role="backend")
+    model = settings.model
+    inference = settings.inference
+    engine = LocalInference(resolve_model_path(settings), model.provider, model.fallback, model.provider_options,
+                           log_level=settings.log_level, log_format=settings.log_format,
+                           longest_s=settings.limits.max_timeout_s, batching=inference.batching,
+                           batch_wait_s=inference.batch_wait_ms / 1000,
+                           batch_max_length=inference.batch_max_length)
+    if is_catalog_name(str(model.path)):
+        engine.name = str(model.path)  # answers say "phi-3.5-mini-instruct", not the variant folder
+    return engine
+
+
+def open_store(settings: Settings) -> Store:
+    delivery = settings.delivery
+    return Store(settings.state_dir / "edge-agent.db", outbox_max_items=delivery.outbox_max_items,
+                 outbox_max_age_s=delivery.outbox_max_age_s, dedup_window_s=delivery.dedup_window_s)
