@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from edge_agent import log
-from edge_agent.health.service import StatusBoard
+from edge_agent.health.status import StatusBoard
 from edge_agent.backoff import backoff_delay
 from edge_agent.settings.model import Settings
 

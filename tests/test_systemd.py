@@ -24,7 +24,7 @@ from edge_agent.mqtt import client as mqtt
 from edge_agent.work import lanes as scheduler_module
 from edge_agent.daemon.app import Agent, request_limits
 from edge_agent.work.jobs import Job
-from edge_agent.health.service import SystemdNotifier, SystemdService
+from edge_agent.health.systemd import SystemdNotifier, SystemdService
 from edge_agent.protocol import parse_request
 from edge_agent.work.lanes import Scheduler
 from edge_agent.settings.model import Settings

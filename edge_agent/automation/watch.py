@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from edge_agent.health.service import utc_iso, utc_now
+from edge_agent.health.status import utc_iso, utc_now
 from edge_agent.log import get_logger
 from edge_agent.protocol import encode
 from edge_agent.settings.model import Settings

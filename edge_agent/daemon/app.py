@@ -19,7 +19,7 @@ from edge_agent.daemon.reload import CAMERAS, HOME_ASSISTANT, LOGGING, MODEL, MQ
 from edge_agent.delivery.outbox import Delivery
 from edge_agent.errors import Unavailable
 from edge_agent.health.reports import Reports
-from edge_agent.health.service import StatusBoard
+from edge_agent.health.status import StatusBoard
 from edge_agent.health.stats import Stats
 from edge_agent.inference.openai_client import OpenAIServer
 from edge_agent.log import get_logger
@@ -27,7 +27,7 @@ from edge_agent.mqtt import BrokerLink, Incoming
 from edge_agent.protocol import Topics
 from edge_agent.settings.model import Settings
 from edge_agent.work.frames import ImageGatherer
-from edge_agent.work.handler import Engine, RequestHandler
+from edge_agent.work.handler import Inference, RequestHandler
 from edge_agent.work.inflight import InFlight
 from edge_agent.work.intake import Intake
 from edge_agent.work.jobs import run
@@ -181,7 +181,7 @@ class Agent:
             logging_setup.configure(new.log_level, new.log_format)
         return parts
 
-    def _retire_engine(self, old: Engine) -> None:
+    def _retire_engine(self, old: Inference) -> None:
         """The old model ends once no job taken under it is queued or running any more."""
         def close() -> None:
             while any(getattr(job.runner, "engine", None) is old for job in self.scheduler.jobs()):
@@ -268,7 +268,7 @@ class Agent:
             return None
         return Overflow(settings.overflow, lambda server: self._new_handler(settings, server))
 
-    def _new_handler(self, settings: Settings, engine: Engine) -> RequestHandler:
+    def _new_handler(self, settings: Settings, engine: Inference) -> RequestHandler:
         return RequestHandler(engine, settings.model.max_new_tokens, ImageGatherer(self.cameras, settings.images),
                               on_generated=lambda done: self.stats.requests.decoded(done.tokens_per_s),
                               stream_interval_s=settings.stream.interval_ms / 1000)

@@ -12,7 +12,7 @@ from edge_agent.daemon.app import Agent
 from edge_agent.cameras.camera_set import validate_cameras
 from edge_agent.settings.catalog import resolve_model_path
 from edge_agent.errors import EXIT_CONFIG, BrokerError, ConfigError, ModelLoadError
-from edge_agent.health.service import SystemdNotifier, SystemdService
+from edge_agent.health.systemd import SystemdNotifier, SystemdService
 from edge_agent.log import get_logger
 from edge_agent.daemon.reload import ConfigWatcher
 from edge_agent.settings.files import ConfigSources, load_settings

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Protocol
 
-from edge_agent.health.service import StatusBoard
+from edge_agent.health.status import StatusBoard
 from edge_agent.log import get_logger
 from edge_agent.protocol import encode
 from edge_agent.health.stats import Stats

@@ -17,7 +17,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from edge_agent.health.service import utc_now
+from edge_agent.health.status import utc_now
 from edge_agent.log import get_logger
 
 log = get_logger("stats")

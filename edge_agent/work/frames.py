@@ -7,7 +7,7 @@ import base64
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.cameras.camera_set import CameraSet
-from edge_agent.health.service import utc_iso
+from edge_agent.health.status import utc_iso
 from edge_agent.protocol import Request
 from edge_agent.settings.model import ImageSettings
 

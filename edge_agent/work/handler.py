@@ -15,7 +15,9 @@ from edge_agent.protocol.structured import json_value
 log = get_logger("handler")
 
 
-class Engine(Protocol):
+class Inference(Protocol):
+    """The model behind a handler: the local inference process or an OpenAI-compatible server."""
+
     name: str
     provider: str
     supports_images: bool
@@ -55,7 +57,7 @@ class StreamSink:
 class RequestHandler:
     """Turns a job into the payload of its answer; every failure becomes an error payload."""
 
-    def __init__(self, engine: Engine, max_new_tokens: int, gatherer: Gatherer | None = None,
+    def __init__(self, engine: Inference, max_new_tokens: int, gatherer: Gatherer | None = None,
                  on_generated: Callable[[Generation], None] | None = None,
                  stream_interval_s: float = 0.1) -> None:
         self._engine = engine
@@ -65,7 +67,7 @@ class RequestHandler:
         self._stream_interval_s = stream_interval_s
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> Inference:
         return self._engine
 
     def handle(self, job: Job, publish_chunk: Callable[[int, str], None] | None = None) -> tuple[bytes, str]:

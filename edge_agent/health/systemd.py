@@ -1,5 +1,4 @@
-"""Lifecycle state published as retained status (health is data, not only log lines), and
-what the daemon tells systemd: READY/RELOADING/STOPPING and watchdog pings (sd_notify)."""
+"""What the daemon tells systemd: READY/RELOADING/STOPPING and watchdog pings (sd_notify)."""
 
 from __future__ import annotations
 
@@ -8,12 +7,9 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
-from edge_agent import __version__
 from edge_agent.log import get_logger
-from edge_agent.protocol import encode
 
 log = get_logger("health")
 # Budget for a reload that loads a new model: the main loop, which sends the pings, waits for
@@ -21,50 +17,6 @@ log = get_logger("health")
 # TimeoutStartSec). It checks progress a few times a ping interval, so a ping is never late.
 RELOAD_WATCHDOG_S = 600.0
 RELOAD_CHECKS_PER_PING = 4
-
-STATES = ("starting", "ready", "degraded", "stopping", "offline")
-
-
-def utc_now() -> str:
-    return utc_iso(time.time())
-
-
-def utc_iso(epoch_s: float, timespec: str = "milliseconds") -> str:
-    """`2026-11-30T19:36:02.301Z`: the one format of times in what the agent publishes."""
-    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
-
-
-class StatusBoard:
-    """The current status document; thread-safe, as both MQTT and main threads touch it."""
-
-    def __init__(self, device_id: str) -> None:
-        self._lock = threading.Lock()
-        self._doc: dict[str, Any] = {"state": "starting", "device_id": device_id,
-                                     "version": __version__, "model": None, "provider": None,
-                                     "since": utc_now()}
-
-    def set(self, state: str, **fields: Any) -> bytes:
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}")
-        with self._lock:
-            if state != self._doc["state"]:
-                self._doc["since"] = utc_now()
-            self._doc.update(fields, state=state)
-            return encode(self._doc)
-
-    @property
-    def state(self) -> str:
-        with self._lock:
-            return str(self._doc["state"])
-
-    def payload(self) -> bytes:
-        with self._lock:
-            return encode(self._doc)
-
-    def offline_payload(self) -> bytes:
-        """What the last will says if we vanish: the same document, state offline."""
-        with self._lock:
-            return encode({**self._doc, "state": "offline", "since": utc_now()})
 
 
 class SystemdNotifier:
