@@ -1,6 +1,6 @@
 """The model in a child process: real ORT GenAI in a real child, and the daemon around it.
 
-Why the child (remote.py): ORT GenAI keeps the GIL inside its calls, and ends its process on
+Why the child (process.py): ORT GenAI keeps the GIL inside its calls, and ends its process on
 some inputs. A crash now costs the one request (`internal`) and a reload, never the daemon; a
 daemon killed with SIGKILL leaves no child behind."""
 
@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
 from edge_agent.errors import AgentError, ErrorCode, ModelLoadError, Timeout, TooLarge
-from edge_agent.inference import EngineProcess, GenerationParams, Work
+from edge_agent.inference import GenerationParams, LocalInference, Work
+from edge_agent.inference.types import FINISH_CANCELLED
 from faults import Pipeline, fault_hooks_env
 from support import AgentProcess, Broker, Client
 
@@ -41,14 +43,14 @@ def wait_gone(pid: int, timeout: float) -> bool:
 
 
 @pytest.fixture
-def engine(tiny_model: Path) -> Iterator[EngineProcess]:
-    loaded = EngineProcess(tiny_model, "cpu")
+def engine(tiny_model: Path) -> Iterator[LocalInference]:
+    loaded = LocalInference(tiny_model, "cpu")
     loaded.load()
     yield loaded
     loaded.close()
 
 
-def test_generates_in_a_child_with_the_errors_of_the_engine(engine: EngineProcess) -> None:
+def test_generates_in_a_child_with_the_errors_of_the_engine(engine: LocalInference) -> None:
     assert engine.pid is not None and engine.pid != os.getpid() and alive(engine.pid)
     assert engine.provider == "cpu" and engine.context_length
     done = engine.generate(HELLO, GenerationParams(8))
@@ -64,7 +66,7 @@ def test_a_dead_child_fails_every_request_in_flight_and_is_replaced(
     killed: all three fail `internal` at once, a new child answers the next."""
     for key, value in fault_hooks_env(tmp_path / "hooks").items():
         monkeypatch.setenv(key, value)
-    engine = EngineProcess(tiny_model, "cpu")
+    engine = LocalInference(tiny_model, "cpu")
     engine.load()
     try:
         first = engine.pid
@@ -83,6 +85,53 @@ def test_a_dead_child_fails_every_request_in_flight_and_is_replaced(
         engine.close()
 
 
+RELOAD_S = 3.0
+
+
+def test_a_cancel_never_waits_for_a_dead_child_to_be_replaced(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue: cancel runs on paho's network thread, and waited (behind the client's lock)
+    for a new child to load the model after the last one died: seconds for Phi-3.5, with
+    nothing read from the broker meanwhile. Here the replacement takes RELOAD_S to load (a
+    fault hook); a cancel, and a request taken while the model loads and cancelled, are each
+    over at once, and the request taken then is answered cancelled before it reaches a child."""
+    for key, value in fault_hooks_env(tmp_path / "hooks").items():
+        monkeypatch.setenv(key, value)
+    engine = LocalInference(tiny_model, "cpu")
+    engine.load()  # loads at full speed: the hook reads its delay when a child starts
+    monkeypatch.setenv("FAULT_SLOW_LOAD_S", str(RELOAD_S))
+    try:
+        first = engine.pid
+        assert first is not None
+        handles = [engine.submit(Work(({"role": "user", "content": text},), GenerationParams(4)))
+                   for text in ("SLOW one", "two")]
+        time.sleep(0.3)
+        killed = time.monotonic()
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(AgentError):
+            handles[0].result()  # the death is seen; the model is loading again from here
+        within(0.5, engine.cancel, handles[1].rid)
+        taken = within(0.5, engine.submit, Work(HELLO, GenerationParams(4)))
+        within(0.5, taken.cancel)
+        assert taken.result().finish_reason == FINISH_CANCELLED
+        assert engine.generate(HELLO, GenerationParams(4)).generate_ms > 0
+        assert time.monotonic() - killed > RELOAD_S * 0.8  # the reload did take that long
+        assert engine.pid not in (None, first) and engine.crashes == 1 and engine.in_flight == 0
+    finally:
+        engine.close()
+
+
+def within(seconds: float, call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)` on another thread (as paho's would make it); fails the test unless it
+    returns within `seconds`."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(call(*args)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{getattr(call, '__name__', call)} waited more than {seconds} s"
+    return out[0] if out else None
+
+
 def test_a_generation_stuck_in_one_call_is_ended_with_its_process(
         tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SLOW (a fault hook in the child) holds one call for a second: with no deadline of its own,
@@ -90,7 +139,7 @@ def test_a_generation_stuck_in_one_call_is_ended_with_its_process(
     request times out, and the next one runs on a new process."""
     for key, value in fault_hooks_env(tmp_path / "hooks").items():
         monkeypatch.setenv(key, value)
-    engine = EngineProcess(tiny_model, "cpu", longest_s=0.1, stuck_grace_s=0.2)
+    engine = LocalInference(tiny_model, "cpu", longest_s=0.1, stuck_grace_s=0.2)
     engine.load()
     try:
         first = engine.pid
@@ -106,7 +155,7 @@ def test_a_generation_stuck_in_one_call_is_ended_with_its_process(
 
 
 def test_close_ends_the_child(tiny_model: Path) -> None:
-    engine = EngineProcess(tiny_model, "cpu")
+    engine = LocalInference(tiny_model, "cpu")
     engine.load()
     pid = engine.pid
     assert pid is not None
@@ -121,7 +170,7 @@ def test_a_load_failure_is_a_model_load_error_and_leaves_no_child(tmp_path: Path
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "genai_config.json").write_text((tiny_model / "genai_config.json").read_text())
-    engine = EngineProcess(broken, "cpu", fallback=())
+    engine = LocalInference(broken, "cpu", fallback=())
     with pytest.raises(ModelLoadError):
         engine.load()
     assert engine.pid is None

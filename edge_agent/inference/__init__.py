@@ -1,7 +1,9 @@
-"""The only package that imports onnxruntime_genai, and only in the inference child: the daemon
-imports `remote` and `types`, which never load the runtime (nor numpy)."""
+"""Inference, as the daemon sees it: the boundary types (`types`), the client of the local
+inference process (`process`) and of an OpenAI-compatible server (`openai_client`). Only
+`child/`, run in the inference process, imports onnxruntime_genai; nothing outside `child/`
+imports it (the CLI's `models` commands excepted)."""
 
-from edge_agent.inference.process import EngineProcess, Handle
+from edge_agent.inference.process import Handle, LocalInference
 from edge_agent.inference.types import Generation, GenerationParams, Guidance, Work
 
-__all__ = ["EngineProcess", "Generation", "GenerationParams", "Guidance", "Handle", "Work"]
+__all__ = ["Generation", "GenerationParams", "Guidance", "Handle", "LocalInference", "Work"]

@@ -1,11 +1,15 @@
-"""The daemon's side of the inference child (`worker.py`): requests go in with ids, events come
-back and one reader thread routes them to each request's `Handle`.
+"""The daemon's side of the inference child (`child/worker.py`): requests go in with ids, events
+come back and one reader thread routes them to each request's `Handle`.
 
 Why a process: ONNX Runtime GenAI keeps the GIL inside its calls (7 ms a token on SmolLM2,
 60 ms for a prompt), so generation in a thread of the daemon stalled the MQTT thread. And the
 runtime ends its process on some inputs; now that ends the child only: every request in flight
 gets `internal`, a new child loads the model, the daemon goes on. This module imports neither
-onnxruntime_genai nor numpy: the daemon stays small.
+onnxruntime_genai nor numpy (nor anything of `child/`): the daemon stays small.
+
+Threads: callers submit and cancel (a cancel comes on paho's network thread); per child, one
+reader routes its events and one writer sends to it; a restart thread loads a new child. None
+of the callers ever waits for a model load, a child's start or a socket.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from edge_agent.errors import AgentError, Internal, ModelLoadError, Timeout, Unavailable
-from edge_agent.inference.types import (DEFAULT_BATCH_MAX_LENGTH, DEFAULT_BATCH_WAIT_S, WARMUP_TOKENS,
-                                        Generation, GenerationParams, Work, read_genai_config,
-                                        takes_images)
-from edge_agent.inference.child.worker import LoadedInfo, LoadSpec
+from edge_agent.inference.types import (DEFAULT_BATCH_MAX_LENGTH, DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED,
+                                        WARMUP_TOKENS, Generation, GenerationParams, LoadedInfo, LoadSpec,
+                                        Work, read_genai_config, takes_images)
 from edge_agent.log import get_logger
 
 log = get_logger("inference")
@@ -60,7 +64,7 @@ class Handle:
                 continue
             if kind == "done":
                 return value  # type: ignore[no-any-return]
-            if isinstance(value, AgentError):
+            if isinstance(value, Exception):  # AgentError; ModelLoadError when no child could load
                 raise value
             raise RuntimeError(value)  # an unexpected exception in the child, by its text
 
@@ -69,8 +73,58 @@ class Handle:
             self._cancel(self.rid)
 
 
-class EngineProcess:
-    """One loaded model in a child process; any number of callers, each with its own handle."""
+class _Child:
+    """One inference process and our end of its socket. Messages to it are pickled by the
+    caller and written by its own writer thread, in the order they were sent: a sender never
+    waits for the socket, and a dead child's writer just stops."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
+        self.proc, self.conn = proc, conn
+        # Unbounded, but holds at most the messages of the requests in flight (bounded upstream)
+        # and a cancel each, until the reader sees the child gone.
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name="inference-writer", daemon=True)
+        self._writer.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, data: bytes) -> None:
+        """`data` from `_pack`."""
+        self._outbox.put(data)
+
+    def _write(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except (OSError, ValueError):
+                return  # the child is gone: its reader fails what it had
+
+    def stop(self, *, kill: bool = False) -> int | None:
+        """End the process (asked to stop, or killed), then close the socket; its exit status."""
+        if kill:
+            self.proc.kill()
+        else:
+            self.send(_pack(("stop",)))
+        self._outbox.put(None)
+        try:
+            code = self.proc.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._writer.join(STOP_WAIT_S)  # a write to the ended process fails at once
+        self.conn.close()
+        return code
+
+
+class LocalInference:
+    """The client of the local inference process: one model loaded in a child process, any
+    number of callers, each with its own handle.
+
+    `_lock` guards the handle table, the requests waiting for a child and which child is
+    current; it is never held across I/O, a wait or a load. `_load_lock` lets one load run at
+    a time (the first, or a restart on its own thread)."""
 
     def __init__(self, folder: Path, provider: str = "auto", fallback: Sequence[str] = ("cpu",),
                  provider_options: Mapping[str, object] | None = None, *, log_level: str = "info",
@@ -93,24 +147,29 @@ class EngineProcess:
         self.provider_attempts: tuple[Any, ...] = ()
         self.batching, self.batching_reason, self.batch_group = "off", "not loaded", 1
         self.crashes = 0
-        self._lock = threading.RLock()  # the child, its socket and the handles
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._child: _Child | None = None  # None: dead, or not loaded (again) yet
         self._handles: dict[int, Handle] = {}
-        self._ids = itertools.count(1)
+        # Submits taken while no child was up, with their deadlines: sent to the next child.
+        self._waiting: dict[int, tuple[bytes, float | None]] = {}
+        self._restarting = False
+        self._loading: subprocess.Popen[bytes] | None = None  # a child loading: close() ends it
         self._closed = False
+        self._load_lock = threading.Lock()
+        self._ids = itertools.count(1)
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        child = self._child
+        return child.pid if child is not None else None
 
     @property
     def in_flight(self) -> int:
         return len(self._handles)
 
     def load(self) -> None:
-        with self._lock:
-            self._start()
+        with self._load_lock:
+            self._adopt(self._start())
 
     def warm_up(self) -> Generation:
         """A short generation; with batching, a full group at once: the batch path is warm and
@@ -125,46 +184,60 @@ class EngineProcess:
         return self.submit(Work(tuple(messages), params, deadline, tuple(images))).result()
 
     def submit(self, work: Work, on_token: Callable[[str], None] | None = None) -> Handle:
-        """Hand a request to the child; its events reach the returned handle."""
+        """Hand a request to the child; its events reach the returned handle. With no child up
+        (one died, or could not be loaded again), it waits for the next one, not the caller."""
+        handle = Handle(next(self._ids), self._limit(work.deadline), on_token)
+        handle._cancel = self.cancel
+        message = _pack(("submit", handle.rid, work))
+        restart = False
         with self._lock:
             if self._closed:
                 raise Unavailable("the model was unloaded")
-            if self._conn is None:  # the last child died and could not be replaced then
-                self._start()
-            assert self._conn is not None
-            limit = work.deadline
-            if limit is None and self.longest_s is not None:
-                limit = time.monotonic() + self.longest_s
-            handle = Handle(next(self._ids), limit, on_token)
-            handle._cancel = self.cancel
             self._handles[handle.rid] = handle
-            try:
-                self._conn.send(("submit", handle.rid, work))
-            except (OSError, ValueError):
-                pass  # the reader sees the child gone and fails the handle
-            return handle
+            child = self._child
+            if child is None:
+                self._waiting[handle.rid] = (message, work.deadline)
+                restart = self._claim_restart()
+            else:
+                child.send(message)  # a dead child's reader fails the handle
+        if restart:
+            self._restart_in_background()
+        return handle
 
     def cancel(self, rid: int) -> None:
+        """End a request with the text it has. Called on paho's network thread: never waits."""
         with self._lock:
-            if rid in self._handles and self._conn is not None:
-                try:
-                    self._conn.send(("cancel", rid))
-                except (OSError, ValueError):
-                    pass
+            child = self._child
+            unsent = child is None or rid in self._waiting
+            handle = self._handles.pop(rid, None) if unsent else None
+            self._waiting.pop(rid, None)
+            running = rid in self._handles
+        if handle is not None:  # never reached a child: it ends here, as a cancel before the start does
+            handle.put("done", Generation("", FINISH_CANCELLED, 0, 0, None, 0.0))
+        elif running and child is not None:
+            child.send(_pack(("cancel", rid)))
 
     def close(self, wait_s: float = STOP_WAIT_S) -> None:
         """Stop the child once the requests in flight are done, or after `wait_s`: then those
         fail `unavailable`."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
         deadline = time.monotonic() + wait_s
         while self._handles and time.monotonic() < deadline:
             time.sleep(0.02)
         with self._lock:
-            self._fail_all(lambda handle: Unavailable("the model was unloaded"))
-            self._stop_child()
+            child, self._child, loading = self._child, None, self._loading
+            handles = self._take_handles()
+        _fail(handles, lambda handle: Unavailable("the model was unloaded"))
+        if loading is not None:
+            loading.kill()  # a restart under way: its load fails at once
+        if child is not None:
+            child.stop()
+        with self._load_lock:
+            pass  # a restart under way has ended, and stopped the child it made
 
     # --- the child -------------------------------------------------------------------------
-    def _start(self) -> None:
+    def _start(self) -> _Child:
         """Start a child and load the model there; raises ModelLoadError as OrtGenaiEngine does."""
         ours, theirs = socket.socketpair()
         started = time.monotonic()
@@ -177,14 +250,18 @@ class EngineProcess:
             raise ModelLoadError(f"cannot start the inference process: {exc}") from exc
         finally:
             theirs.close()
-        self._proc, self._conn = proc, Connection(ours.detach())
+        child = _Child(proc, Connection(ours.detach()))
+        with self._lock:
+            self._loading, closed = proc, self._closed
         try:
-            self._conn.send(("load", self._spec))
-            reply = self._conn.recv() if self._wait_readable(proc) else None
-        except (EOFError, OSError):
-            reply = None
+            if closed:
+                proc.kill()
+            reply = self._handshake(child)
+        finally:
+            with self._lock:
+                self._loading = None
         if reply is None or reply[0] != "loaded":
-            code = self._stop_child()
+            code = child.stop()
             if reply is not None and reply[0] == "error":
                 raise reply[1]
             raise ModelLoadError(f"the inference process ended while loading {self.folder} "
@@ -194,109 +271,153 @@ class EngineProcess:
         self.provider_attempts, self.context_length = info.provider_attempts, info.context_length
         self.supports_images = info.supports_images
         self.batching, self.batching_reason, self.batch_group = info.batching, info.batching_reason, info.batch_group
-        threading.Thread(target=self._read, args=(proc, self._conn), name="inference-reader", daemon=True).start()
         log.info("inference.process_started", pid=proc.pid, model=self.name, provider=self.provider,
                  batching=self.batching, ms=round((time.monotonic() - started) * 1000, 1))
+        return child
 
-    def _wait_readable(self, proc: subprocess.Popen[bytes]) -> bool:
-        assert self._conn is not None
-        while not self._conn.poll(POLL_S):
-            if proc.poll() is not None and not self._conn.poll(0):
-                return False
+    def _handshake(self, child: _Child) -> tuple[Any, ...] | None:
+        """Send the spec, wait for the child's answer; None if it ended first."""
+        child.send(_pack(("load", self._spec)))
+        try:
+            while not child.conn.poll(POLL_S):
+                if child.proc.poll() is not None and not child.conn.poll(0):
+                    return None
+            return child.conn.recv()  # type: ignore[no-any-return]
+        except (EOFError, OSError):
+            return None
+
+    def _adopt(self, child: _Child) -> None:
+        """Make a loaded child the current one and send it the requests that waited for it."""
+        with self._lock:
+            self._restarting = False
+            closed = self._closed
+            if not closed:
+                self._child = child
+                for rid, (message, deadline) in self._waiting.items():
+                    self._handles[rid].limit = self._limit(deadline)  # the load is no part of its run
+                    child.send(message)
+                self._waiting.clear()
+        if closed:
+            child.stop()
+            return
+        threading.Thread(target=self._read, args=(child,), name="inference-reader", daemon=True).start()
+
+    def _limit(self, deadline: float | None) -> float | None:
+        """Past this (plus the grace) a request that has run in the child is stuck."""
+        if deadline is None and self.longest_s is not None:
+            return time.monotonic() + self.longest_s
+        return deadline
+
+    def _claim_restart(self) -> bool:
+        """Under `_lock`: True if the caller is to start the one restart."""
+        if self._closed or self._restarting:
+            return False
+        self._restarting = True
         return True
 
-    def _read(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
+    def _restart_in_background(self) -> None:
+        threading.Thread(target=self._restart, name="inference-restart", daemon=True).start()
+
+    def _restart(self) -> None:
+        """Load the model in a new child. If that fails, the requests that waited for it fail
+        with the load's error and the next request tries again."""
+        with self._load_lock:
+            if self._closed:
+                return  # close() failed what waited
+            try:
+                child = self._start()
+            except (ModelLoadError, AgentError) as exc:
+                log.error("inference.restart_failed", error=str(exc))
+                with self._lock:
+                    self._restarting = False
+                    waiting = [self._handles.pop(rid) for rid in self._waiting if rid in self._handles]
+                    self._waiting.clear()
+                _fail(waiting, lambda handle: exc)
+                return
+            self._adopt(child)
+
+    def _read(self, child: _Child) -> None:
         """Route the child's events until it dies or is replaced; then fail what it had."""
         while True:
             try:
-                ready = conn.poll(POLL_S)
-                message = conn.recv() if ready else None
+                message = child.conn.recv() if child.conn.poll(POLL_S) else None
             except (EOFError, OSError):
                 break
             if message is not None:
                 self._route(message[1])
-            elif proc.poll() is not None:
+            elif child.proc.poll() is not None:
                 break
-            if self._stuck(proc):
+            if self._stuck(child):
                 return
-        with self._lock:
-            if self._proc is proc:
-                self._replace_dead_child()
+        self._replace_dead_child(child)
 
     def _route(self, events: list[tuple[str, int, Any]]) -> None:
-        for kind, rid, value in events:
-            handle = self._handles.get(rid)
-            if handle is None:
-                continue
-            if kind != "token":
-                with self._lock:
-                    self._handles.pop(rid, None)
-            handle.put(kind, value)
+        with self._lock:
+            routed = [(self._handles.get(rid) if kind == "token" else self._handles.pop(rid, None), kind, value)
+                      for kind, rid, value in events]
+        for handle, kind, value in routed:
+            if handle is not None:
+                handle.put(kind, value)
 
-    def _stuck(self, proc: subprocess.Popen[bytes]) -> bool:
+    def _stuck(self, child: _Child) -> bool:
         """A request past its limit by the grace is stuck in one runtime call: end the child."""
         now = time.monotonic()
-        stuck = [h for h in list(self._handles.values())
-                 if h.limit is not None and now > h.limit + self.stuck_grace_s]
-        if not stuck:
-            return False
         with self._lock:
-            if self._proc is not proc:
-                return True
-            log.error("inference.stuck", pid=proc.pid, requests=len(stuck), past_deadline_s=self.stuck_grace_s)
-            self._stop_child(kill=True)
-            stuck_ids = {h.rid for h in stuck}
-            self._fail_all(lambda h: Timeout("generation stuck past its deadline; the model is loaded again")
-                           if h.rid in stuck_ids else
-                           Internal("the inference process was restarted (another request was stuck)"))
-            self._restart()
+            stuck_ids = {rid for rid, h in self._handles.items()
+                         if h.limit is not None and now > h.limit + self.stuck_grace_s}
+            if not stuck_ids or self._child is not child:
+                return bool(stuck_ids)
+            self._child = None
+            handles = self._take_handles()
+            restart = self._claim_restart()
+        log.error("inference.stuck", pid=child.pid, requests=len(stuck_ids), past_deadline_s=self.stuck_grace_s)
+        child.stop(kill=True)
+        _fail(handles, lambda h: Timeout("generation stuck past its deadline; the model is loaded again")
+              if h.rid in stuck_ids else
+              Internal("the inference process was restarted (another request was stuck)"))
+        if restart:
+            self._restart_in_background()
         return True
 
-    def _replace_dead_child(self) -> None:
+    def _replace_dead_child(self, child: _Child) -> None:
         """The child died (the runtime exited, was killed, ran out of memory): every request it
         had fails, a new child loads the model for the next."""
-        code = self._stop_child()
-        if self._closed:
-            self._fail_all(lambda handle: Unavailable("the model was unloaded"))
+        with self._lock:
+            if self._child is not child:
+                return  # closed, or ended as stuck
+            self._child = None
+            handles = self._take_handles()
+            closed = self._closed
+            if not closed:
+                self.crashes += 1
+            restart = self._claim_restart()
+        code = child.stop()
+        if closed:
+            _fail(handles, lambda handle: Unavailable("the model was unloaded"))
             return
-        self.crashes += 1
-        log.error("inference.process_died", exit=_exit_text(code), model=self.name, in_flight=len(self._handles))
-        self._fail_all(lambda handle: Internal(
+        log.error("inference.process_died", exit=_exit_text(code), model=self.name, in_flight=len(handles))
+        _fail(handles, lambda handle: Internal(
             f"the inference process died ({_exit_text(code)}); a new one is loading the model"))
-        self._restart()
+        if restart:
+            self._restart_in_background()
 
-    def _restart(self) -> None:
-        if self._closed:
-            return
-        try:
-            self._start()
-        except (ModelLoadError, AgentError) as exc:
-            log.error("inference.restart_failed", error=str(exc))  # the next request tries again
+    def _take_handles(self) -> list[Handle]:
+        """Under `_lock`: every open handle, now out of the table."""
+        handles = list(self._handles.values())
+        self._handles.clear()
+        self._waiting.clear()
+        return handles
 
-    def _fail_all(self, error: Callable[[Handle], AgentError]) -> None:
-        handles, self._handles = self._handles, {}
-        for handle in handles.values():
-            handle.put("failed", error(handle))
 
-    def _stop_child(self, *, kill: bool = False) -> int | None:
-        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
-        if proc is not None and kill:
-            proc.kill()
-        if conn is not None and not kill:
-            try:
-                conn.send(("stop",))
-            except (OSError, ValueError):
-                pass
-        code = None
-        if proc is not None:
-            try:
-                code = proc.wait(STOP_WAIT_S if conn is not None else 0.1)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-        if conn is not None:
-            conn.close()
-        return code
+def _pack(message: tuple[Any, ...]) -> bytes:
+    """Pickled as Connection.send does: on the sender's thread, so a message that cannot be
+    pickled fails there."""
+    return bytes(ForkingPickler.dumps(message))
+
+
+def _fail(handles: list[Handle], error: Callable[[Handle], Exception]) -> None:
+    for handle in handles:
+        handle.put("failed", error(handle))
 
 
 def _exit_text(code: int | None) -> str:

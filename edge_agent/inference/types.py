@@ -77,6 +77,35 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class LoadSpec:
+    """What the child loads: the daemon's first message to it."""
+
+    folder: str
+    provider: str
+    fallback: tuple[str, ...]
+    provider_options: dict[str, Any]
+    log_level: str
+    log_format: str
+    batching: bool = True
+    batch_wait_s: float = DEFAULT_BATCH_WAIT_S
+    batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH
+
+
+@dataclass(frozen=True)
+class LoadedInfo:
+    """What the child loaded: its answer to LoadSpec."""
+
+    provider: str
+    provider_reason: str
+    provider_attempts: tuple[Any, ...]
+    context_length: int | None
+    supports_images: bool
+    batching: str  # "dynamic", "static" or "off"
+    batching_reason: str
+    batch_group: int
+
+
+@dataclass(frozen=True)
 class Work:
     """One request handed to the child."""
 

@@ -6,6 +6,7 @@ parent -> child: ("load", LoadSpec), ("submit", rid, Work), ("cancel", rid), ("s
 child -> parent: ("loaded", LoadedInfo) or ("error", ModelLoadError|AgentError) once, then
                  ("events", [("token", rid, text) | ("done", rid, Generation) |
                              ("failed", rid, AgentError | "text of an unexpected exception")])
+(LoadSpec, LoadedInfo and Work are the boundary types of `edge_agent.inference.types`.)
 A reader thread takes the parent's messages; only the main thread touches the runtime (og.Engine
 must be called from the thread that made it) and only it writes to the socket.
 """
@@ -18,41 +19,15 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from edge_agent import log as logging_setup
 from edge_agent.errors import AgentError, ModelLoadError
-from edge_agent.inference.types import DEFAULT_BATCH_MAX_LENGTH, DEFAULT_BATCH_WAIT_S
+from edge_agent.inference.types import LoadedInfo
 
 PARENT_CHECK_S = 1.0
 _GONE = ("stop",)
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    folder: str
-    provider: str
-    fallback: tuple[str, ...]
-    provider_options: dict[str, Any]
-    log_level: str
-    log_format: str
-    batching: bool = True
-    batch_wait_s: float = DEFAULT_BATCH_WAIT_S
-    batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH
-
-
-@dataclass(frozen=True)
-class LoadedInfo:
-    provider: str
-    provider_reason: str
-    provider_attempts: tuple[Any, ...]
-    context_length: int | None
-    supports_images: bool
-    batching: str  # "dynamic", "static" or "off"
-    batching_reason: str
-    batch_group: int
 
 
 def _exit_with_parent(parent_pid: int) -> None:
