@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__
+from edge_agent.cli.common import (EXIT_ERROR_ANSWER, EXIT_NO_ANSWER, Handler, config_error, load,
+                                   send_and_print)
 from edge_agent.cli.models import HANDLERS as MODEL_HANDLERS, add_parsers as add_model_commands
 from edge_agent.cli.watch import HANDLERS as WATCH_HANDLERS, add_parsers as add_watch_commands
-from edge_agent.errors import EXIT_CONFIG
+from edge_agent.errors import EXIT_CONFIG, ConfigError
 
-EXIT_ANSWERED, EXIT_ERROR_ANSWER, EXIT_NO_ANSWER = 0, 1, 2
 EXIT_USAGE = 64  # sysexits EX_USAGE: options that do not go together
 
 
@@ -67,33 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(config: str | None, with_sources: bool = False) -> Any:
-    from edge_agent.errors import ConfigError
-    from edge_agent.settings.files import load_settings
-
-    try:
-        settings, sources = load_settings(config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        return (None, None) if with_sources else None
-    return (settings, sources) if with_sources else settings
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from edge_agent.cameras.camera import validate_cameras
-    from edge_agent.errors import ConfigError
+    from edge_agent.cameras.camera_set import validate_cameras
     from edge_agent.settings.files import describe_settings, explain_settings
 
-    settings, sources = _load(args.config, with_sources=True)
-    if settings is None:
-        return EXIT_CONFIG
-    try:
-        validate_cameras(settings)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+    settings, sources = load(args.config)
+    validate_cameras(settings)
     if args.explain:
         rows = explain_settings(settings, sources)
         width = max(len(key) for key, _, _ in rows)
@@ -109,18 +89,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent import log
     from edge_agent.daemon.main import run
-    from edge_agent.errors import ConfigError
 
-    settings, sources = _load(args.config, with_sources=True)
-    if settings is None:
-        return EXIT_CONFIG
+    settings, sources = load(args.config)
     log.configure(settings.log_level, settings.log_format)
     try:
         return run(settings, sources)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
     except KeyboardInterrupt:  # second Ctrl-C during shutdown
         return 130
 
@@ -128,9 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from edge_agent.protocol import Topics, encode
 
-    settings = _load(args.config)
-    if settings is None:
-        return EXIT_CONFIG
+    settings, _ = load(args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port),
                                    ("protocol", args.protocol)) if v is not None}
     mqtt_settings = settings.mqtt.model_copy(update=overrides)
@@ -194,53 +165,19 @@ def cmd_ask(args: argparse.Namespace) -> int:
                           on_chunk=print_chunk if args.stream else None, streamed=streamed)
 
 
-def send_and_print(command: str, mqtt_settings: Any, topic: str, make_payload: Any, args: argparse.Namespace,
-                   on_chunk: Any = None, streamed: list[str] | None = None) -> int:
-    """Send one request, print its answer (`--json`: all of it; else the text or JSON value,
-    errors on stderr) and return the exit code."""
-    from edge_agent.errors import BrokerError
-    from edge_agent.mqtt import ask_once
-
-    try:
-        raw = ask_once(mqtt_settings, topic, make_payload, args.timeout, on_chunk=on_chunk)
-    except BrokerError as exc:
-        print(f"edge-agent {command}: {exc}", file=sys.stderr)
-        return EXIT_NO_ANSWER
-    if raw is None:
-        print(f"edge-agent {command}: no answer on {topic} within {args.timeout:g} s", file=sys.stderr)
-        return EXIT_NO_ANSWER
-    answer = json.loads(raw)
-    if args.json:
-        print(json.dumps(answer, indent=2, ensure_ascii=False))
-    elif answer.get("ok") and streamed:
-        # Streamed: the rest of the text (all of it if chunks were lost).
-        shown = "".join(streamed)
-        print(answer["text"][len(shown):] if answer["text"].startswith(shown) else "\n" + answer["text"])
-    elif answer.get("ok"):
-        print(json.dumps(answer["json"], ensure_ascii=False) if "json" in answer else answer["text"])
-    else:
-        print(f"error {answer['error']['code']}: {answer['error']['message']}", file=sys.stderr)
-    return EXIT_ANSWERED if answer.get("ok") else EXIT_ERROR_ANSWER
-
-
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from edge_agent import log
-    from edge_agent.cameras.camera import Camera, validate_cameras
-    from edge_agent.errors import AgentError, ConfigError
+    from edge_agent.cameras.camera import Camera
+    from edge_agent.cameras.camera_set import validate_cameras
+    from edge_agent.errors import AgentError
     from edge_agent.cameras.images import encode_frame
 
-    settings = _load(args.config)
-    if settings is None:
-        return EXIT_CONFIG
+    settings, _ = load(args.config)
     if args.camera not in settings.cameras:
         print(f"edge-agent snapshot: no camera {args.camera!r} in the settings "
               f"(configured: {', '.join(sorted(settings.cameras)) or 'none'})", file=sys.stderr)
         return EXIT_CONFIG
-    try:
-        validate_cameras(settings)
-    except ConfigError as exc:
-        print("\n".join(f"config error: {p}" for p in exc.problems), file=sys.stderr)
-        return EXIT_CONFIG
+    validate_cameras(settings)
     log.configure(settings.log_level, settings.log_format, sys.stderr)  # stdout is the result
     camera = Camera(args.camera, settings.cameras[args.camera])
     try:
@@ -259,6 +196,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "check-config": cmd_check_config, "ask": cmd_ask, "snapshot": cmd_snapshot,
-                **MODEL_HANDLERS, **WATCH_HANDLERS}
-    return handlers[args.command](args)
+    handlers: dict[str, Handler] = {"run": cmd_run, "check-config": cmd_check_config, "ask": cmd_ask,
+                                    "snapshot": cmd_snapshot, **MODEL_HANDLERS, **WATCH_HANDLERS}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:  # from any command: the settings, the cameras, the daemon's start
+        return config_error(exc)

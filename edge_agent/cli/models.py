@@ -10,9 +10,9 @@ import time
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from edge_agent.errors import EXIT_CONFIG
+from edge_agent.cli.common import Handler, load
 
 EXIT_OK, EXIT_FAILED = 0, 1
 PROVIDER_ORDER = ("cpu", "cuda", "NvTensorRtRtx", "openvino", "qnn", "dml")
@@ -29,7 +29,6 @@ NEEDS_PACKAGE = {"cuda": "onnxruntime-genai-cuda", "NvTensorRtRtx": "onnxruntime
                  "dml": "onnxruntime-genai-directml"}
 JETSON_HINT = "on a Jetson, see the README's Jetson section for a CUDA build of ORT GenAI"
 VERIFY_PROMPT = "Write two sentences about the sea."
-Handler = Callable[[argparse.Namespace], int]
 
 
 def add_parsers(commands: Any, config_help: str) -> None:
@@ -60,19 +59,6 @@ def add_parsers(commands: Any, config_help: str) -> None:
     verify.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
     verify.add_argument("--config", help=config_help)
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _settings(config: str | None) -> Any:
-    from edge_agent.errors import ConfigError
-    from edge_agent.settings.files import load_settings
-
-    try:
-        settings, _ = load_settings(config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        return None
-    return settings
 
 
 def _quiet_logs(settings: Any) -> None:
@@ -235,9 +221,7 @@ def print_providers(report: dict[str, Any]) -> None:
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
-    settings = _settings(args.config)
-    if settings is None:
-        return EXIT_CONFIG
+    settings, _ = load(args.config)
     _quiet_logs(settings)
     report = providers_report(Path(args.model) if args.model else None, settings)
     report["servers"] = servers_report(settings)
@@ -251,18 +235,13 @@ def cmd_providers(args: argparse.Namespace) -> int:
 
 # --- models ----------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
-    from edge_agent.errors import CatalogError, ConfigError
+    from edge_agent.errors import CatalogError
 
-    settings = _settings(args.config)
-    if settings is None:
-        return EXIT_CONFIG
+    settings, _ = load(args.config)
     _quiet_logs(settings)
     handler = {"list": models_list, "pull": models_pull, "verify": models_verify}[args.models_command]
     try:
         return handler(args, settings)
-    except ConfigError as exc:
-        print("\n".join(f"config error: {p}" for p in exc.problems), file=sys.stderr)
-        return EXIT_CONFIG
     except CatalogError as exc:
         print(f"edge-agent models {args.models_command}: {exc}", file=sys.stderr)
         return EXIT_FAILED

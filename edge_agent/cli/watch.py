@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
 
+from edge_agent.cli.common import Handler, load, send_and_print
 from edge_agent.errors import EXIT_CONFIG
 
 EXIT_OK = 0
-Handler = Callable[[argparse.Namespace], int]
 
 
 def add_parsers(commands: Any, config_help: str) -> None:
@@ -30,13 +30,10 @@ def add_parsers(commands: Any, config_help: str) -> None:
         parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _context(args: argparse.Namespace) -> Any:
-    from edge_agent.cli.main import _load
+def _context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from edge_agent.protocol import Topics
 
-    settings = _load(args.config)
-    if settings is None:
-        return None
+    settings, _ = load(args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     mqtt = settings.mqtt.model_copy(update=overrides)
     return settings, mqtt, Topics(mqtt.topic_prefix, settings.device_id)
@@ -46,10 +43,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from edge_agent.errors import BrokerError
     from edge_agent.mqtt import read_retained
 
-    context = _context(args)
-    if context is None:
-        return EXIT_CONFIG
-    settings, mqtt, topics = context
+    settings, mqtt, topics = _context(args)
     try:
         retained = read_retained(mqtt, [topics.watch("+"), topics.status])
         reachable = True
@@ -84,14 +78,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge_agent.cli.main import send_and_print
     from edge_agent.protocol import encode
     from edge_agent.automation.watch import rule_fields
 
-    context = _context(args)
-    if context is None:
-        return EXIT_CONFIG
-    settings, mqtt, topics = context
+    settings, mqtt, topics = _context(args)
     rule = settings.watch.get(args.name)
     if rule is None:
         print(f"edge-agent watch run: no rule {args.name!r} (configured: "
