@@ -13,19 +13,55 @@ Events out: ("token", rid, text), ("done", rid, Generation), ("failed", rid, Age
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import onnxruntime_genai as og
 
 from edge_agent.errors import AgentError, Timeout
-from edge_agent.inference.child.engine import OrtGenaiEngine, Prompt
 from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
-                                        FINISH_STOP, Generation, Work)
+                                        FINISH_STOP, Generation, GenerationParams, Work)
 from edge_agent.log import get_logger
 
 log = get_logger("inference")
 Event = tuple[str, int, Any]
 EVENT_BUFFER = 256
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request's prompt, ready for a generator: token ids, or processor inputs with images."""
+
+    ids: Any  # np.int32 array; None with images
+    inputs: Any  # the multimodal processor's output; None without images
+    length: int
+    budget: int  # tokens it may generate: max_new_tokens within the context
+
+
+@dataclass(frozen=True)
+class Batching:
+    """What the runtime's og.Engine offers for this model: `mode` is "dynamic" (paged attention:
+    requests join and leave at every step), "static" (fixed groups; newcomers wait for the
+    running group) or "off"; `reason` says why in words."""
+
+    mode: str
+    group_size: int
+    max_length: int
+    reason: str
+
+
+class Model(Protocol):
+    """What the Core needs of a loaded model (engine.OrtGenaiEngine, which imports this module)."""
+
+    og_engine: Any  # og.Engine when batching is on, else None
+    batching: Batching
+    eos_ids: frozenset[int]
+
+    def prepare(self, work: Work) -> Prompt: ...
+    def token_stream(self) -> Any: ...
+    def fits_batch(self, work: Work, prompt: Prompt) -> bool: ...
+    def generator(self, prompt: Prompt, params: GenerationParams) -> Any: ...
+    def batch_turn(self, prompt: Prompt, params: GenerationParams) -> tuple[Any, Any]: ...
 
 
 class Run:
@@ -64,7 +100,7 @@ class Run:
 
 
 class Core:
-    def __init__(self, engine: OrtGenaiEngine, wait_s: float = DEFAULT_BATCH_WAIT_S) -> None:
+    def __init__(self, engine: Model, wait_s: float = DEFAULT_BATCH_WAIT_S) -> None:
         self._engine = engine
         self._wait_s = wait_s
         self._single: dict[int, Run] = {}

@@ -1,5 +1,7 @@
 """Load a model folder with ONNX Runtime GenAI: its chat template, prompts, generators, and the
-runtime's batching engine where it has one. Runs only in the inference child (worker.py)."""
+runtime's batching engine where it has one. Runs only in the inference child (worker.py).
+The scheduler (core.py) knows it only as its `Model` interface; `generate` runs one request
+through a Core of its own."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import json
 import secrets
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 import onnxruntime_genai as og
 
 from edge_agent.errors import BadRequest, ModelLoadError, TooLarge, Unsupported
+from edge_agent.inference.child.core import Batching, Core, Prompt
 from edge_agent.inference.child.providers import Attempt, choose_and_load, configured_providers
 from edge_agent.inference.types import (DEFAULT_BATCH_MAX_LENGTH, WARMUP_TOKENS, Generation,
                                         GenerationParams, Work, read_genai_config, takes_images)
@@ -24,28 +26,6 @@ log = get_logger("inference")
 # Any fixed seed for greedy decoding: without one the runtime seeds its sampler from
 # std::random_device, ~14 ms of CPU per generator on these machines (FACTS.md).
 GREEDY_SEED = 0
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A request's prompt, ready for a generator: token ids, or processor inputs with images."""
-
-    ids: Any  # np.int32 array; None with images
-    inputs: Any  # the multimodal processor's output; None without images
-    length: int
-    budget: int  # tokens it may generate: max_new_tokens within the context
-
-
-@dataclass(frozen=True)
-class Batching:
-    """What the runtime's og.Engine offers for this model: `mode` is "dynamic" (paged attention:
-    requests join and leave at every step), "static" (fixed groups; newcomers wait for the
-    running group) or "off"; `reason` says why in words."""
-
-    mode: str
-    group_size: int
-    max_length: int
-    reason: str
 
 
 class OrtGenaiEngine:
@@ -159,9 +139,7 @@ class OrtGenaiEngine:
 
     def generate(self, messages: Sequence[dict[str, str]], params: GenerationParams,
                  deadline: float | None = None, images: Sequence[bytes] = ()) -> Generation:
-        """One request on its own, start to end (tools and tests; the child uses the Core)."""
-        from edge_agent.inference.child.core import Core
-
+        """One request on its own, start to end (tools and tests; the child's loop has one Core)."""
         return Core(self).run_one(Work(tuple(messages), params, deadline, tuple(images)))
 
     # --- prompts -----------------------------------------------------------------------
