@@ -13,13 +13,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from edge_agent.cameras import camera_set as cameras_module, opencv_env
-from edge_agent.cameras.camera import Camera, has_gstreamer, validate_cameras
-from edge_agent.cameras.camera_set import CameraSet
+from edge_agent.cameras.camera import Camera, has_gstreamer
+from edge_agent.cameras.camera_set import CameraSet, validate_cameras
 from edge_agent.errors import BadRequest, CameraUnavailable, ConfigError, StaleFrame
 from edge_agent.settings.model import CameraSettings, Settings
 from edge_agent.settings.base import redact
 from edge_agent.settings.sources import source_kind
-from video import UdpStream, free_udp_port, make_clip
+from video import UdpStream, free_udp_port, make_clip, running_stream
 
 # Small timing settings: a dead stream is noticed in 1 s, reopened within 1 s.
 FAST = dict(open_timeout_s=3.0, read_timeout_s=1.0, reconnect_min_s=0.2, reconnect_max_s=1.0,
@@ -44,19 +44,7 @@ def until(predicate: Callable[[], Any], timeout: float = SETTLE_S) -> Any:
 @pytest.fixture(scope="module")
 def live() -> Iterator[UdpStream]:
     """One live 640x480 15 fps stream for the tests that only read it."""
-    stream = UdpStream()
-    stream.start()
-    yield stream
-    stream.stop()
-
-
-@pytest.fixture
-def stream() -> Iterator[UdpStream]:
-    """A live stream of the test's own, to kill or pause."""
-    own = UdpStream()
-    own.start()
-    yield own
-    own.stop()
+    yield from running_stream()
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 from edge_agent.cameras.opencv_env import v4l_timeout  # before cv2: OpenCV reads its settings at load
 import cv2
@@ -81,15 +81,6 @@ class _CaptureFailed(Exception):  # the source could not be opened or read; says
 def has_gstreamer() -> bool:
     found = re.search(r"GStreamer:\s*(\w+)", cv2.getBuildInformation())
     return bool(found) and found[1].upper() == "YES"
-
-
-def validate_cameras(settings: Any) -> None:
-    """Every camera problem at once, as a ConfigError. Takes Settings or its `cameras` mapping.
-    A missing /dev/videoN is no error: USB cameras come and go, and are reopened."""
-    cameras: Mapping[str, CameraSettings] = getattr(settings, "cameras", settings)
-    problems = [line for name, cam in cameras.items() for line in source_problems(name, cam, has_gstreamer())]
-    if problems:
-        raise ConfigError(problems)
 
 
 def _open(s: CameraSettings, kind: str) -> cv2.VideoCapture:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from edge_agent.errors import BadRequest
+from edge_agent.errors import BadRequest, ConfigError
 from edge_agent.log import get_logger
 from edge_agent.cameras.opencv_env import v4l_timeout
 from edge_agent.settings.model import CameraSettings
-from edge_agent.settings.sources import source_kind
+from edge_agent.settings.sources import source_kind, source_problems
 
 if TYPE_CHECKING:
     from edge_agent.cameras.camera import Camera
@@ -17,7 +17,8 @@ log = get_logger("camera")
 
 
 def validate_cameras(settings: Any) -> None:
-    """camera.validate_cameras (Settings or its `cameras`), loading OpenCV only if there are any."""
+    """Every camera problem at once, as a ConfigError. Takes Settings or its `cameras` mapping.
+    A missing /dev/videoN is no error: USB cameras come and go, and are reopened."""
     _validated(getattr(settings, "cameras", settings))
 
 
@@ -27,7 +28,10 @@ def _validated(cameras: Mapping[str, CameraSettings]) -> Any:
         return None
     from edge_agent.cameras import camera
 
-    camera.validate_cameras(cameras)
+    gstreamer = camera.has_gstreamer()
+    problems = [line for name, cam in cameras.items() for line in source_problems(name, cam, gstreamer)]
+    if problems:
+        raise ConfigError(problems)
     return camera
 
 
