@@ -9,11 +9,9 @@ import uuid
 from typing import Any, Callable
 
 import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edge_agent.errors import BrokerError
-from edge_agent.mqtt.client import incoming, new_client
+from edge_agent.mqtt.client import incoming, new_client, publish_properties
 from edge_agent.settings.model import MqttSettings
 
 
@@ -63,9 +61,7 @@ def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[
             raise BrokerError(f"the broker at {settings.host}:{settings.port} refused the "
                               f"connection: {refused[0]}")
         if settings.protocol == "5":
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = reply_topic
-            props.CorrelationData = correlation
+            props = publish_properties(response_topic=reply_topic, correlation_data=correlation)
             client.publish(request_topic, make_payload(None), qos=1, properties=props)
         else:
             client.publish(request_topic, make_payload(reply_topic), qos=1)
@@ -74,7 +70,6 @@ def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[
     finally:
         client.disconnect()
         client.loop_stop()
-
 
 
 def read_retained(settings: MqttSettings, topic_filters: list[str], quiet_s: float = 0.5,

@@ -12,6 +12,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge_agent.errors import BrokerError
 from edge_agent.settings.model import MqttSettings
@@ -59,6 +61,25 @@ def new_client(settings: MqttSettings, client_id: str, *, persistent: bool = Fal
         except (OSError, ssl.SSLError) as exc:
             raise BrokerError(f"cannot set up TLS: {exc}") from exc
     return client
+
+
+def publish_properties(*, correlation_data: bytes | None = None, response_topic: str | None = None,
+                       expiry_s: int | None = None,
+                       user_properties: tuple[tuple[str, str], ...] = ()) -> Properties | None:
+    """The MQTT 5 properties of a PUBLISH, or None when it carries none. MQTT 3.1.1 has no
+    properties: there a caller sends None."""
+    if correlation_data is None and not response_topic and not expiry_s and not user_properties:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    if response_topic:
+        props.ResponseTopic = response_topic
+    if expiry_s:
+        props.MessageExpiryInterval = expiry_s
+    for pair in user_properties:  # each assignment adds one pair
+        props.UserProperty = pair
+    return props
 
 
 def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.backoff import backoff_delay
 from edge_agent.log import get_logger
-from edge_agent.mqtt.client import Incoming, incoming, new_client
+from edge_agent.mqtt.client import Incoming, incoming, new_client, publish_properties
 from edge_agent.settings.model import MqttSettings
 
 log = get_logger("mqtt")
@@ -145,17 +145,8 @@ class BrokerLink:
         `on_refused` (if given) instead of it when that acknowledgement refuses the message.
         QoS 0 is dropped while disconnected: for data that is stale by the time we are back.
         The MQTT 5 properties are left out on 3.1.1, which has none."""
-        props = None
-        if self._v5 and (correlation_data is not None or response_topic or expiry_s or user_properties):
-            props = Properties(PacketTypes.PUBLISH)
-            if correlation_data is not None:
-                props.CorrelationData = correlation_data
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if expiry_s:
-                props.MessageExpiryInterval = expiry_s
-            for pair in user_properties:  # each assignment adds one pair
-                props.UserProperty = pair
+        props = publish_properties(correlation_data=correlation_data, response_topic=response_topic,
+                                   expiry_s=expiry_s, user_properties=user_properties) if self._v5 else None
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         # Every publish is tracked (QoS 0 "acks" when written), so no stale early ack can
         # match a packet id paho reuses later.
