@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from support import AgentProcess, Broker, Client, build_model
+from video import UdpStream, running_stream
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +17,11 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_model() -> Path:
     return build_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def vision_model() -> Path:
+    return build_model("tiny-vision")
 
 
 def _running_broker() -> Iterator[Broker]:
@@ -35,6 +41,18 @@ def broker() -> Iterator[Broker]:
 def module_broker() -> Iterator[Broker]:
     """A mosquitto of the module's own: its retained messages and sessions stay there."""
     yield from _running_broker()
+
+
+@pytest.fixture
+def own_broker() -> Iterator[Broker]:
+    """A mosquitto of the test's own, to stop, restart or forget."""
+    yield from _running_broker()
+
+
+@pytest.fixture
+def stream() -> Iterator[UdpStream]:
+    """A live video stream of the test's own, to kill or pause."""
+    yield from running_stream()
 
 
 @pytest.fixture

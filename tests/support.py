@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -301,6 +301,27 @@ class AgentProcess:
             except ValueError:
                 continue
         return lines
+
+
+def running_agent(folder: Path, port: int, model: Path, **overrides: Any) -> Iterator[AgentProcess]:
+    """For a fixture: an agent started and ready on the broker at `port`; stopped at teardown."""
+    watcher = Client(port)
+    agent = AgentProcess(folder, port, model, **overrides)
+    agent.start(watcher)
+    watcher.close()
+    yield agent
+    agent.stop()
+
+
+def answers_client(port: int, agent: AgentProcess, nodelay: bool = False) -> Iterator[Client]:
+    """For a fixture: a client subscribed to the agent's answers; closed at teardown.
+    `nodelay`: without it Nagle holds each request behind the PUBACK sent just before (+40 ms)."""
+    c = Client(port)
+    if nodelay:
+        c.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.subscribe(agent.response_topic)
+    yield c
+    c.close()
 
 
 def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -10,13 +10,8 @@ from typing import Any, Callable
 
 import pytest
 
-from support import DOOR_SCHEMA, AgentProcess, Broker, Client, build_model, collect, file_camera as camera, first
+from support import DOOR_SCHEMA, AgentProcess, Broker, Client, collect, file_camera as camera, first
 from video import make_still_clip
-
-
-@pytest.fixture(scope="module")
-def vision_model() -> Path:
-    return build_model("tiny-vision")
 
 
 @pytest.fixture(scope="module")

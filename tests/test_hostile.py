@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,13 @@ import pytest
 
 from edge_agent.protocol import REQUEST_FIELDS
 from hostile import AGENT_SETTINGS, CAMERA, WRONG_TYPES, Hostile, good_request, hostile_inputs, new_id
-from support import ANSWER_TIMEOUT_S, READY_TIMEOUT_S, AgentProcess, Broker, Client, build_model, tree_rss_bytes
+from support import (ANSWER_TIMEOUT_S, READY_TIMEOUT_S, AgentProcess, Broker, Client, answers_client, running_agent,
+                     tree_rss_bytes)
 from video import make_clip
 
 ANSWER_BOUND_S = 5.0  # functional: an error comes back at once, never after a generation
 RSS_GROWTH_BOUND = 200 * 1024 * 1024
 CASES = hostile_inputs()
-
-
-@pytest.fixture(scope="module")
-def vision_model() -> Path:
-    return build_model("tiny-vision")
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +41,14 @@ def camera_settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def agent(module_broker: Broker, vision_model: Path, camera_settings: dict[str, Any],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    watcher = Client(module_broker.port)
-    proc = AgentProcess(tmp_path_factory.mktemp("hostile"), module_broker.port, vision_model,
-                        cameras=camera_settings, **AGENT_SETTINGS)
-    proc.start(watcher)
-    watcher.close()
-    yield proc
-    proc.stop()
+    yield from running_agent(tmp_path_factory.mktemp("hostile"), module_broker.port, vision_model,
+                             cameras=camera_settings, **AGENT_SETTINGS)
 
 
 @pytest.fixture(scope="module")
 def pipeline(module_broker: Broker, agent: AgentProcess) -> Iterator[Client]:
     """One for the module: answers are matched by correlation data, never by order."""
-    c = Client(module_broker.port)
-    # Without it Nagle holds each request behind the PUBACK sent just before (+40 ms).
-    c.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    c.subscribe(agent.response_topic)
-    yield c
-    c.close()
+    yield from answers_client(module_broker.port, agent, nodelay=True)
 
 
 def exchange(pipeline: Client, agent: AgentProcess, payload: bytes,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -89,14 +89,6 @@ def test_killed_agent_leaves_the_last_will(broker: Broker, client: Client,
     doc = client.wait_for(lambda d: d.get("device_id") == agent.device_id and d["state"] == "offline", 20)
     assert doc["state"] == "offline"
     assert doc["model"] is None  # the will of the first connect, made before the model loaded
-
-
-@pytest.fixture
-def own_broker() -> Iterator[Broker]:
-    own = Broker()
-    own.start()
-    yield own
-    own.close()
 
 
 def across_a_broker_restart(own: Broker, start_agent: Callable[..., AgentProcess]

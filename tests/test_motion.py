@@ -18,7 +18,7 @@ from edge_agent.cameras.camera_set import CameraSet
 from edge_agent.cameras.motion import MotionDetector, MotionTracker, MotionWatch
 from edge_agent.settings.model import CameraSettings
 from edge_agent.settings.watch import MotionSettings
-from test_camera import FAST, cameras, stream, until  # noqa: F401 - fixtures used by name
+from test_camera import FAST, cameras, until  # noqa: F401 - fixtures used by name
 from video import UdpStream, make_motion_clip, make_still_clip
 
 ON = MotionSettings(enabled=True)

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from support import AgentProcess, Broker, Client
+from support import AgentProcess, Broker, Client, answers_client, running_agent
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,22 +23,14 @@ ERROR_KEYS = {"id", "ok", "error"}
 
 @pytest.fixture(scope="module")
 def agent(module_broker: Broker, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    watcher = Client(module_broker.port)
-    proc = AgentProcess(tmp_path_factory.mktemp("agent"), module_broker.port, tiny_model,
-                        mqtt__reply_topic_allow=["edge-agent/#", "apps/#"],
-                        limits__max_payload_bytes=4096, limits__max_prompt_chars=1000)
-    proc.start(watcher)
-    watcher.close()
-    yield proc
-    proc.stop()
+    yield from running_agent(tmp_path_factory.mktemp("agent"), module_broker.port, tiny_model,
+                             mqtt__reply_topic_allow=["edge-agent/#", "apps/#"],
+                             limits__max_payload_bytes=4096, limits__max_prompt_chars=1000)
 
 
 @pytest.fixture
 def pipeline(module_broker: Broker, agent: AgentProcess) -> Iterator[Client]:
-    c = Client(module_broker.port)
-    c.subscribe(agent.response_topic)
-    yield c
-    c.close()
+    yield from answers_client(module_broker.port, agent)
 
 
 def send_raw(pipeline: Client, agent: AgentProcess, request: dict[str, Any] | bytes | str) -> dict[str, Any]:

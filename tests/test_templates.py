@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from support import AgentProcess, Broker, Client, ask, to_toml
+from support import AgentProcess, Broker, Client, answers_client, ask, running_agent, to_toml
 
 TEMPLATES = {
     "door": {"text": "Is the {door} door open?", "system": "Answer yes or no.", "max_tokens": 4},
@@ -22,21 +22,13 @@ TEMPLATES = {
 
 @pytest.fixture(scope="module")
 def locked(broker: Broker, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    watcher = Client(broker.port)
-    agent = AgentProcess(tmp_path_factory.mktemp("locked"), broker.port, tiny_model, stats_interval_s=1.0,
-                         prompts={"allow_free_prompts": False, "templates": TEMPLATES})
-    agent.start(watcher)
-    watcher.close()
-    yield agent
-    agent.stop()
+    yield from running_agent(tmp_path_factory.mktemp("locked"), broker.port, tiny_model, stats_interval_s=1.0,
+                             prompts={"allow_free_prompts": False, "templates": TEMPLATES})
 
 
 @pytest.fixture
 def client(broker: Broker, locked: AgentProcess) -> Iterator[Client]:
-    c = Client(broker.port)
-    c.subscribe(locked.response_topic)
-    yield c
-    c.close()
+    yield from answers_client(broker.port, locked)
 
 
 def test_templates_are_answered(client: Client, locked: AgentProcess) -> None:

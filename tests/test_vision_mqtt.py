@@ -18,13 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
-from support import AgentProcess, Broker, Client, ask, build_model
+from support import AgentProcess, Broker, Client, answers_client, ask, running_agent
 from video import UdpStream, make_clip
-
-
-@pytest.fixture(scope="module")
-def vision_model() -> Path:
-    return build_model("tiny-vision")
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +30,14 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def vision_agent(broker: Broker, vision_model: Path, clip: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
-    watcher = Client(broker.port)
-    agent = AgentProcess(tmp_path_factory.mktemp("vision"), broker.port, vision_model,
-                         limits__max_payload_bytes=4_000_000, images__longest_side=336,
-                         cameras={"front": {"source": str(clip)}, "back": {"source": str(clip)}})
-    agent.start(watcher)
-    watcher.close()
-    yield agent
-    agent.stop()
+    yield from running_agent(tmp_path_factory.mktemp("vision"), broker.port, vision_model,
+                             limits__max_payload_bytes=4_000_000, images__longest_side=336,
+                             cameras={"front": {"source": str(clip)}, "back": {"source": str(clip)}})
 
 
 @pytest.fixture
 def pipeline(broker: Broker, vision_agent: AgentProcess) -> Iterator[Client]:
-    c = Client(broker.port)
-    c.subscribe(vision_agent.response_topic)
-    yield c
-    c.close()
+    yield from answers_client(broker.port, vision_agent)
 
 
 def still_answers(pipeline: Client, agent: AgentProcess) -> None:
@@ -176,61 +163,51 @@ def wait_streaming(client: Client, agent: AgentProcess, camera: str) -> None:
                     and d.get("cameras", {}).get(camera, {}).get("state") == "streaming", 30)
 
 
-def test_live_stream_killed_then_restarted(broker: Broker, client: Client, vision_model: Path,
+def test_live_stream_killed_then_restarted(broker: Broker, client: Client, vision_model: Path, stream: UdpStream,
                                            start_agent: Callable[..., AgentProcess]) -> None:
-    stream = UdpStream()
+    agent = start_agent(broker, client, model=vision_model, images__longest_side=336,
+                        cameras={"gate": {"source": stream.url, "max_frame_age_ms": 500,
+                                          "read_timeout_s": 2.0, "reconnect_min_s": 0.2,
+                                          "reconnect_max_s": 1.0, "fresh_wait_ms": 3000}})
+    wait_streaming(client, agent, "gate")
+    client.subscribe(agent.response_topic)
+
+    def ask_gate(rid: str) -> dict[str, Any]:
+        client.publish(agent.request_topic, json.dumps({"id": rid, "camera": "gate", "prompt": "?",
+                                                        "max_tokens": 2}))
+        return client.wait_for(lambda d: d.get("id") == rid, 30)
+
+    live = ask_gate("live")
+    assert live["ok"], live
+    assert live["frames"][0]["age_ms"] < 500 and live["frames"][0]["width"] == 640
+    stream.stop()
+    client.wait_for(lambda d: d.get("device_id") == agent.device_id
+                    and d.get("cameras", {}).get("gate", {}).get("state") == "reconnecting", 30)
+    started = time.monotonic()
+    down = ask_gate("down")
+    assert down["error"]["code"] in ("camera_unavailable", "stale_frame")
+    assert time.monotonic() - started < 10
     stream.start()
-    try:
-        agent = start_agent(broker, client, model=vision_model, images__longest_side=336,
-                            cameras={"gate": {"source": stream.url, "max_frame_age_ms": 500,
-                                              "read_timeout_s": 2.0, "reconnect_min_s": 0.2,
-                                              "reconnect_max_s": 1.0, "fresh_wait_ms": 3000}})
-        wait_streaming(client, agent, "gate")
-        client.subscribe(agent.response_topic)
-
-        def ask_gate(rid: str) -> dict[str, Any]:
-            client.publish(agent.request_topic, json.dumps({"id": rid, "camera": "gate", "prompt": "?",
-                                                            "max_tokens": 2}))
-            return client.wait_for(lambda d: d.get("id") == rid, 30)
-
-        live = ask_gate("live")
-        assert live["ok"], live
-        assert live["frames"][0]["age_ms"] < 500 and live["frames"][0]["width"] == 640
-        stream.stop()
-        client.wait_for(lambda d: d.get("device_id") == agent.device_id
-                        and d.get("cameras", {}).get("gate", {}).get("state") == "reconnecting", 30)
-        started = time.monotonic()
-        down = ask_gate("down")
-        assert down["error"]["code"] in ("camera_unavailable", "stale_frame")
-        assert time.monotonic() - started < 10
-        stream.start()
-        deadline = time.monotonic() + 30
-        while not (back := ask_gate(f"back-{time.monotonic()}"))["ok"]:
-            assert time.monotonic() < deadline, back
-            time.sleep(0.5)
-    finally:
-        stream.stop()
+    deadline = time.monotonic() + 30
+    while not (back := ask_gate(f"back-{time.monotonic()}"))["ok"]:
+        assert time.monotonic() < deadline, back
+        time.sleep(0.5)
 
 
-def test_stale_frame_when_the_stream_freezes(broker: Broker, client: Client, vision_model: Path,
+def test_stale_frame_when_the_stream_freezes(broker: Broker, client: Client, vision_model: Path, stream: UdpStream,
                                              start_agent: Callable[..., AgentProcess]) -> None:
-    stream = UdpStream()
-    stream.start()
-    try:
-        agent = start_agent(broker, client, model=vision_model, images__longest_side=336,
-                            cameras={"gate": {"source": stream.url, "max_frame_age_ms": 300,
-                                              "read_timeout_s": 30.0, "fresh_wait_ms": 200}})
-        wait_streaming(client, agent, "gate")
-        client.subscribe(agent.response_topic)
-        client.publish(agent.request_topic, json.dumps({"id": "ok1", "camera": "gate", "prompt": "?", "max_tokens": 2}))
-        assert client.wait_for(lambda d: d.get("id") == "ok1", 30)["ok"]
-        stream.pause()
-        time.sleep(0.6)
-        client.publish(agent.request_topic, json.dumps({"id": "st", "camera": "gate", "prompt": "?"}))
-        doc = client.wait_for(lambda d: d.get("id") == "st", 30)
-        assert doc["error"]["code"] == "stale_frame"
-    finally:
-        stream.stop()
+    agent = start_agent(broker, client, model=vision_model, images__longest_side=336,
+                        cameras={"gate": {"source": stream.url, "max_frame_age_ms": 300,
+                                          "read_timeout_s": 30.0, "fresh_wait_ms": 200}})
+    wait_streaming(client, agent, "gate")
+    client.subscribe(agent.response_topic)
+    client.publish(agent.request_topic, json.dumps({"id": "ok1", "camera": "gate", "prompt": "?", "max_tokens": 2}))
+    assert client.wait_for(lambda d: d.get("id") == "ok1", 30)["ok"]
+    stream.pause()
+    time.sleep(0.6)
+    client.publish(agent.request_topic, json.dumps({"id": "st", "camera": "gate", "prompt": "?"}))
+    doc = client.wait_for(lambda d: d.get("id") == "st", 30)
+    assert doc["error"]["code"] == "stale_frame"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

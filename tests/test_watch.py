@@ -13,16 +13,11 @@ from typing import Any, Callable
 import pytest
 
 from faults import fault_hooks_env
-from support import (DOOR_SCHEMA, REPO, AgentProcess, Broker, Client, build_model, collect, file_camera as camera,
+from support import (DOOR_SCHEMA, REPO, AgentProcess, Broker, Client, collect, file_camera as camera,
                      first, next_stats, retained_status)
 from video import make_motion_clip, make_still_clip
 
 
-
-
-@pytest.fixture(scope="module")
-def vision_model() -> Path:
-    return build_model("tiny-vision")
 
 
 @pytest.fixture(scope="module")

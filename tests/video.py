@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 # mpeg2video in MPEG-TS over UDP: every ffmpeg build has both; OpenCV opens it in ≈1.5 s.
 # LOW_DELAY makes the encoder flag its stream low-delay, so the decoder holds no frame back.
@@ -61,6 +62,14 @@ class UdpStream:
     def resume(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
+
+
+def running_stream() -> Iterator[UdpStream]:
+    """For a fixture: a live stream, stopped at teardown."""
+    stream = UdpStream()
+    stream.start()
+    yield stream
+    stream.stop()
 
 
 def make_clip(path: Path, seconds: float = 1.0, size: str = "320x240", fps: int = 15) -> Path:
