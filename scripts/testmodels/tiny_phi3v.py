@@ -7,9 +7,9 @@ processor_config.json layout of onnxruntime-genai's test/test_models/vision-prep
              (per-crop mean colours projected, plus a learned per-row term; T is computed from
              image_sizes exactly as the processor counts image tokens);
 - embedding: input_ids (negative ids = image slots) + image_features -> inputs_embeds;
-- text:      tiny_phi3's decoder with `inputs_embeds` in place of `input_ids` (context 4096),
+- text:      the shared decoder (phi3.py) with `inputs_embeds` in place of `input_ids` (context 4096),
 plus processor_config.json (DecodeImage, ConvertRGB, Phi3ImageTransform num_crops 16 /
-num_img_tokens 144). Tokenizer, Phi-3 chat template and the never-EOS logit bias are tiny_phi3's
+num_img_tokens 144). Tokenizer, Phi-3 chat template and the never-EOS logit bias are phi3.py's
 (vocab 645, EOS ids [640, 643]). The tokenizer needs no `<|image_N|>` tokens: ORT GenAI's phi3v
 processor splits the prompt on the regex `<\|image_\d+\|>`, encodes the text pieces and inserts
 num_image_tokens copies of -N for each tag itself.
@@ -45,19 +45,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from testmodels.tiny_phi3 import (
-    EOS_TOKENS,
-    HEAD_SIZE,
-    HEADS,
-    HIDDEN,
-    LAYERS,
-    _decoder_graph,
-    _logit_bias,
-    _train_tokenizer,
-    _write_tokenizer_files,
-)
+from testmodels.phi3 import (EOS_TOKENS, HIDDEN, Graph, decoder_graph, genai_config, logit_bias,
+                             train_tokenizer, write_tokenizer_files)
 
 RECIPE_VERSION = 1
 
@@ -87,33 +78,6 @@ PROCESSOR_CONFIG = {
 _F32, _I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
-class _Graph:
-    """Small helper to write a graph node by node (names double as output names)."""
-
-    def __init__(self, rng: np.random.Generator):
-        self.rng, self.inits, self.nodes = rng, [], []
-
-    def weight(self, name, shape, scale):
-        data = (self.rng.standard_normal(shape) * scale).astype(np.float32)
-        self.inits.append(numpy_helper.from_array(data, name))
-        return name
-
-    def const(self, name, value):
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def node(self, op, inputs, name, **attrs):
-        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
-        return name
-
-    def model(self, graph_name, inputs, outputs) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, graph_name, inputs, outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edge-agent")
-        model.ir_version = 8
-        onnx.checker.check_model(model, full_check=True)
-        return model
-
-
 def _vision_graph(rng: np.random.Generator) -> onnx.ModelProto:
     """pixel_values [N,17,3,336,336], image_sizes [N,2] -> image_features [T,HIDDEN].
 
@@ -122,7 +86,7 @@ def _vision_graph(rng: np.random.Generator) -> onnx.ModelProto:
     row is a projection of that image's per-crop mean colours plus a learned per-row term,
     so different images give different features.
     """
-    g = _Graph(rng)
+    g = Graph(rng)
     # [N,17,3] per-crop channel means -> [N,51] -> [N,HIDDEN]
     means = g.node("ReduceMean", ["pixel_values"], "crop_means", axes=[3, 4], keepdims=0)
     g.const("flat_shape", np.array([0, CROPS * 3], np.int64))
@@ -173,7 +137,7 @@ def _embedding_graph(rng: np.random.Generator, vocab: int) -> onnx.ModelProto:
     image_features, like the real model's scatter. image_features is [0,HIDDEN] for
     text-only prompts and for every step after the prompt.
     """
-    g = _Graph(rng)
+    g = Graph(rng)
     g.const("minus1", np.array([-1], np.int64))
     g.const("c0", np.int64(0))
     g.const("c1", np.int64(1))
@@ -201,73 +165,32 @@ def _embedding_graph(rng: np.random.Generator, vocab: int) -> onnx.ModelProto:
 
 
 def _genai_config(vocab: int, eos_ids: list[int]) -> dict:
-    return {
-        "model": {
-            "bos_token_id": eos_ids[0],
-            "context_length": CONTEXT,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": TEXT_FILE,
-                "head_size": HEAD_SIZE,
-                "hidden_size": HIDDEN,
-                "inputs": {
-                    "inputs_embeds": "inputs_embeds",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-                "num_attention_heads": HEADS,
-                "num_hidden_layers": LAYERS,
-                "num_key_value_heads": HEADS,
-            },
-            "embedding": {
-                "filename": EMBED_FILE,
-                "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
-                "outputs": {"inputs_embeds": "inputs_embeds"},
-            },
-            "vision": {
-                "filename": VISION_FILE,
-                "inputs": {"pixel_values": "pixel_values", "image_sizes": "image_sizes"},
-                "outputs": {"image_features": "image_features"},
-            },
-            "eos_token_id": eos_ids,
-            "pad_token_id": eos_ids[0],
-            "type": "phi3v",
-            "vocab_size": vocab,
+    sessions = {
+        "embedding": {
+            "filename": EMBED_FILE,
+            "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+            "outputs": {"inputs_embeds": "inputs_embeds"},
         },
-        "search": {
-            "do_sample": False,
-            "early_stopping": True,
-            "max_length": CONTEXT,
-            "min_length": 0,
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            "past_present_share_buffer": False,  # the text graph concatenates past and new keys
-            # Prefill in 512-token chunks: a 2-image prompt (3,862 tokens) otherwise builds
-            # full [4,S,S] attention matrices (1.6 GB RSS, 1.4 s instead of 0.47 GB, 0.1 s).
-            "chunk_size": 512,
-            "repetition_penalty": 1.0,
-            "temperature": 1.0,
-            "top_k": 50,
-            "top_p": 1.0,
+        "vision": {
+            "filename": VISION_FILE,
+            "inputs": {"pixel_values": "pixel_values", "image_sizes": "image_sizes"},
+            "outputs": {"image_features": "image_features"},
         },
     }
+    # Prefill in 512-token chunks: a 2-image prompt (3,862 tokens) otherwise builds
+    # full [4,S,S] attention matrices (1.6 GB RSS, 1.4 s instead of 0.47 GB, 0.1 s).
+    return genai_config(vocab, eos_ids, model_type="phi3v", context=CONTEXT, decoder_file=TEXT_FILE,
+                        token_input="inputs_embeds", sessions=sessions, search={"chunk_size": 512})
 
 
 def build(out_dir: Path) -> None:
-    tok = _train_tokenizer()
+    tok = train_tokenizer()
     vocab = tok.get_vocab_size()
     eos_ids = [tok.token_to_id(t) for t in EOS_TOKENS]
-    _write_tokenizer_files(tok, out_dir, context=CONTEXT)
+    write_tokenizer_files(tok, out_dir, context=CONTEXT)
     rng = np.random.default_rng(SEED)
     onnx.save(_vision_graph(rng), str(out_dir / VISION_FILE))
     onnx.save(_embedding_graph(rng, vocab), str(out_dir / EMBED_FILE))
-    onnx.save(_decoder_graph(vocab, _logit_bias(tok), context=CONTEXT, inputs_embeds=True), str(out_dir / TEXT_FILE))
+    onnx.save(decoder_graph(vocab, logit_bias(tok), context=CONTEXT, inputs_embeds=True), str(out_dir / TEXT_FILE))
     (out_dir / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
     (out_dir / "genai_config.json").write_text(json.dumps(_genai_config(vocab, eos_ids), indent=2))
