@@ -1,4 +1,8 @@
-"""The only package that imports paho: the daemon's broker link and the `ask` client."""
+"""The broker link: the daemon's connection (connect, will, subscriptions, publishing
+acknowledged, reconnect with back-off), the one-shot `ask` client, and received messages
+as paho-free `Incoming` values. The only package that imports paho.
+It imports only errors, log, backoff and settings of this package; never work/, delivery/,
+daemon/ or inference/: they hand it bytes and callbacks."""
 
 from edge_agent.mqtt.ask import ask_once, read_retained
 from edge_agent.mqtt.client import Incoming
