@@ -2,9 +2,11 @@
 the outbox (answers the broker has not acknowledged yet) and the ids of recent requests with
 their answers (so a redelivered or re-sent request is answered again, never run twice).
 
-One connection, guarded by a lock: the MQTT network thread and the inference worker both
-write. WAL mode with synchronous=NORMAL keeps a committed row across a process crash; a power
-cut may lose the last transaction, which costs at most a re-run, never a doubled answer.
+One connection, used by the delivery-writer thread (delivery/writer.py) once the agent runs:
+nothing on the MQTT network thread waits for this file. A lock still guards it (start-up and
+close run elsewhere). WAL mode with synchronous=NORMAL keeps a committed row across a process
+crash; a power cut may lose the last transaction, which costs at most a re-run, never a
+doubled answer.
 
 This is the only module that imports sqlite3: every public method raises `StoreError` for what
 SQLite raises (disk full, a damaged file), opening raises `ConfigError`.
@@ -150,6 +152,19 @@ class Store:
             log.warning("outbox.dropped", too_old=old, over_limit=over, dropped_total=self.dropped)
 
     # --- de-duplication ---------------------------------------------------------------------
+    def now(self) -> float:
+        """The store's clock: what `seen` times are measured in."""
+        return self._clock()
+
+    @store_errors
+    def answered_ids(self) -> list[tuple[str, float]]:
+        """Ids answered within the window, with when each was first seen (the in-memory index
+        is loaded from them at start)."""
+        with self._lock:
+            return [(r[0], float(r[1])) for r in self._db.execute(
+                "SELECT request_id, created FROM seen WHERE payload IS NOT NULL AND created >= ? "
+                "ORDER BY created", (self._clock() - self.dedup_window_s,))]
+
     @store_errors
     def first_sight(self, request_id: str) -> bool | SeenAnswer:
         """True: new, now recorded as in progress. False: seen, still in progress (its answer
