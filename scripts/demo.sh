@@ -9,8 +9,16 @@ cd "$REPO"
 
 MODEL="${EDGE_AGENT_MODEL:-}"
 if [ -z "$MODEL" ]; then
-    echo "demo: building (first run) or finding the cached SmolLM2-135M-Instruct model" >&2
-    MODEL="$(python scripts/build_test_models.py smollm2 | tail -n 1)"
+    # The builder says a line per layer and per quantizer warning: that goes to a log, not here.
+    CACHE="${EDGE_AGENT_MODEL_CACHE:-$HOME/.cache/edge-agent/models}"
+    mkdir -p "$CACHE"
+    BUILD_LOG="$CACHE/smollm2-build.log"
+    echo "demo: building (first run, ≈1-3 minutes) or finding the cached SmolLM2-135M-Instruct model; builder log in $BUILD_LOG" >&2
+    if ! MODEL="$(python scripts/build_test_models.py smollm2 2>"$BUILD_LOG" | tail -n 1)"; then
+        echo "demo: building the model failed; the end of $BUILD_LOG:" >&2
+        tail -n 40 "$BUILD_LOG" >&2
+        exit 1
+    fi
 fi
 WORK="$(mktemp -d)"
 chmod 777 "$WORK"  # mosquitto drops to its own user
