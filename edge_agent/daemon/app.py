@@ -122,10 +122,10 @@ class Agent:
         self.cameras.stop_all()
         snapshot.handler.engine.close()
         offline = self.status.set("offline")
+        self.delivery.close()  # answers still queued are stored, acknowledged and published first
         if not snapshot.link.publish_and_wait(snapshot.topics.status, offline, retain=True):
             log.warning("status.offline_not_acknowledged")
         snapshot.link.stop()
-        self.store.close()
         log.info("agent.stopped", outcomes=self.stats.requests.outcomes())
 
     def apply(self, new: Settings) -> set[str]:

@@ -184,8 +184,7 @@ class Intake:
         if expiry_s == 0:  # would expire on the way (and 0 on the wire means "never")
             return False
         # Forgotten before the copy leaves: it may come back to this agent as a new request.
-        if not self._delivery.release(job.request.id, job.request.id_given):
-            return False
+        self._delivery.release(job.request.id, job.request.id_given)
         self.handed_back += 1
         log.info("request.handed_back", hops=hops + 1, expiry_s=expiry_s,
                  queue_size=snapshot.settings.limits.queue_size)

@@ -154,6 +154,8 @@ class Scheduler:
     def stop(self, grace_s: float) -> list[Job]:
         """Stop taking work; wait up to `grace_s` for the running job; return unstarted jobs."""
         pending = self._lanes.drain()
+        if not self._started:  # the model never loaded: no worker to wait for
+            return pending
         self._lanes.put_stops(len(self._workers))
         deadline = time.monotonic() + grace_s
         for worker in self._workers:
