@@ -25,7 +25,7 @@ class StandInEngine:
     provider: str = "cpu"
     supports_images: bool = False
 
-    def submit(self, work: Work, on_token=None) -> "StandInRun":  # noqa: ANN001 - mirrors EngineProcess
+    def submit(self, work: Work, on_token=None) -> "StandInRun":  # noqa: ANN001 - mirrors LocalInference
         if self.failure:
             raise self.failure
         return StandInRun(work, on_token)

@@ -1,6 +1,6 @@
 """Stats an operator graphs per box: request outcomes, latency, decode speed, process load.
 
-Pure collection; app.py publishes the document on `<prefix>/<device_id>/stats`
+Pure collection; reports.py publishes the document on `<prefix>/<device_id>/stats`
 (docs/protocol.md, "Stats"). Every window is bounded, so a box up for months holds the same
 few kilobytes as one up for minutes.
 """

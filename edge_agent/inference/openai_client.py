@@ -1,5 +1,5 @@
 """An OpenAI-compatible chat-completions server (Ollama, llama.cpp, NIM, Azure AI, GitHub
-Models) behind the same `Engine` boundary as the local model. The only module that imports
+Models) behind the same `Inference` boundary (work.handler) as the local model. The only module that imports
 httpx: its errors become the agent's (`unavailable`, `timeout`, `internal`, `bad_request`) here.
 
 Every request streams from the server (SSE), whatever the client asked: the text arrives as
@@ -89,7 +89,7 @@ class Breaker:
 
 
 class OpenAIServer:
-    """The `Engine` for a remote server; `load()` only looks at it (a server that is down now
+    """The `Inference` for a remote server; `load()` only looks at it (a server that is down now
     may be up by the first request: requests then say `unavailable`, the agent runs on)."""
 
     batching, batching_reason, batch_group = "remote", "the server schedules its own batches", 1
@@ -118,7 +118,7 @@ class OpenAIServer:
                                                         max_keepalive_connections=settings.max_in_flight),
                                     timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s))
 
-    # --- the Engine boundary ---------------------------------------------------------------
+    # --- the Inference boundary ------------------------------------------------------------
     def load(self) -> None:
         self.probe()
         log.info("openai.server", role=self.role, url=self.url, model=self.name, reachable=self.reachable,
