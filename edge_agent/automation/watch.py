@@ -73,7 +73,7 @@ class _Rule:
     published_key: Any = _NOTHING
     published_value: Any = None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("runs", "published", "skipped_running", "skipped_cooldown", "failed"), 0))
+        ("runs", "published", "unchanged", "skipped_running", "skipped_cooldown", "failed"), 0))
     last_at: str | None = None
     last_error: str | None = None
 
@@ -214,6 +214,7 @@ class Watcher:
             changed = rule.published_key is _NOTHING or key != rule.published_key
             previous = None if rule.published_key is _NOTHING else rule.published_value
             if not changed and rule.settings.publish == "change":
+                rule.counts["unchanged"] += 1
                 log.info("watch.unchanged", rule=rule.name)
                 return
             rule.published_key, rule.published_value = key, value

@@ -15,13 +15,17 @@ from edge_agent.automation.ha_bridge import HomeAssistantBridge, subscriptions a
 from edge_agent.automation.watch import Watcher
 from edge_agent.cameras.camera_set import CameraSet
 from edge_agent.daemon.parts import make_engine, open_store, request_limits
-from edge_agent.daemon.reload import CAMERAS, HOME_ASSISTANT, LOGGING, MODEL, MQTT, OVERFLOW, WATCH, changed_parts
+from edge_agent.daemon.reload import (CAMERAS, HOME_ASSISTANT, LOGGING, METRICS, MODEL, MQTT, OVERFLOW, WATCH,
+                                      changed_parts)
 from edge_agent.delivery.outbox import Delivery
 from edge_agent.errors import Unavailable
+from edge_agent.health.listener import MetricsListener
+from edge_agent.health.metrics import Live, Metrics, RemoteServer
 from edge_agent.health.reports import Reports
 from edge_agent.health.status import StatusBoard
 from edge_agent.health.stats import Stats
 from edge_agent.inference.openai_client import OpenAIServer
+from edge_agent.inference.types import Generation
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
 from edge_agent.protocol import Topics
@@ -47,7 +51,10 @@ class Agent:
     def __init__(self, settings: Settings) -> None:
         self._stopping = threading.Event()
         self.status = StatusBoard(settings.device_id)
-        self.stats = Stats()
+        self.metrics = Metrics()
+        self.stats = Stats(metrics=self.metrics)
+        # Bound first: a port in use is a settings error before anything else starts.
+        self.metrics_listener = self._new_metrics_listener(settings)
         self.cameras = CameraSet(settings.cameras)
         self.in_flight = InFlight()
         self.scheduler = Scheduler(settings.limits.queue_size, run)
@@ -65,6 +72,7 @@ class Agent:
         self.home_assistant = HomeAssistantBridge(self.current, self.intake.submit_fields)
         self.intake.add_side_door(self.home_assistant.take_if_mine)
         self.cameras.set_motion_listener(self._on_motion)
+        self.metrics.read_live(self._live_metrics)
 
     def current(self) -> Snapshot:
         return self.snapshot
@@ -82,6 +90,8 @@ class Agent:
         """Broker first (so `starting` is visible), cameras (they open in the background),
         then model, warm-up, worker, subscription."""
         snapshot = self.snapshot
+        if self.metrics_listener is not None:  # /healthz says `starting` while the model loads
+            self.metrics_listener.start()
         snapshot.link.start()
         self.cameras.start_all()
         if snapshot.overflow is not None:
@@ -126,6 +136,8 @@ class Agent:
         if not snapshot.link.publish_and_wait(snapshot.topics.status, offline, retain=True):
             log.warning("status.offline_not_acknowledged")
         snapshot.link.stop()
+        if self.metrics_listener is not None:
+            self.metrics_listener.stop()
         log.info("agent.stopped", outcomes=self.stats.requests.outcomes())
 
     def apply(self, new: Settings) -> set[str]:
@@ -153,6 +165,15 @@ class Agent:
             overflow = self._new_overflow(new)
             if overflow is not None:
                 overflow.start()
+        if METRICS in parts:
+            try:
+                self.move_metrics_listener(new)
+            except BaseException:
+                if engine is not old.handler.engine:
+                    engine.close()
+                if overflow is not old.overflow and overflow is not None:
+                    overflow.stop(0)
+                raise
         if link is not old.link:
             self._leave_link(old)
         # The one swap: a request taken from here on reads the new snapshot; a job already
@@ -180,6 +201,21 @@ class Agent:
         if LOGGING in parts:
             logging_setup.configure(new.log_level, new.log_format)
         return parts
+
+    def move_metrics_listener(self, new: Settings) -> None:
+        """Moved, started or stopped by a reload; a port in use keeps the old one (ConfigError)."""
+        old = self.metrics_listener
+        if old is not None:
+            old.stop()  # first: the new address may be the same port on another host
+        try:
+            self.metrics_listener = self._new_metrics_listener(new)
+        except Exception:
+            self.metrics_listener = self._new_metrics_listener(self.snapshot.settings) if old else None
+            if self.metrics_listener is not None:
+                self.metrics_listener.start()
+            raise
+        if self.metrics_listener is not None:
+            self.metrics_listener.start()
 
     def _retire_engine(self, old: Inference) -> None:
         """The old model ends once no job taken under it is queued or running any more."""
@@ -241,7 +277,8 @@ class Agent:
     def _on_motion(self, camera: str, state: str) -> None:
         """From a capture thread: publish the retained state, let the rules know."""
         snapshot = self.snapshot
-        snapshot.link.publish(snapshot.topics.motion(camera), state.encode(), retain=True)
+        snapshot.link.publish(snapshot.topics.motion(camera), state.encode(), retain=True,
+                              content_type="text/plain; charset=utf-8")
         self.watcher.on_motion(camera, state)
 
     def _on_connected(self) -> None:
@@ -270,8 +307,37 @@ class Agent:
 
     def _new_handler(self, settings: Settings, engine: Inference) -> RequestHandler:
         return RequestHandler(engine, settings.model.max_new_tokens, ImageGatherer(self.cameras, settings.images),
-                              on_generated=lambda done: self.stats.requests.decoded(done.tokens_per_s),
-                              stream_interval_s=settings.stream.interval_ms / 1000)
+                              on_generated=self._generated, stream_interval_s=settings.stream.interval_ms / 1000)
+
+    def _generated(self, done: Generation, queue_s: float) -> None:
+        self.stats.requests.decoded(done.tokens_per_s)
+        self.metrics.generated(queue_s, None if done.ttft_ms is None else done.ttft_ms / 1000,
+                               done.generate_ms / 1000, done.prompt_tokens, done.completion_tokens)
+
+    def _new_metrics_listener(self, settings: Settings) -> MetricsListener | None:
+        if not settings.metrics.listen:
+            return None
+        return MetricsListener(settings.metrics.listen, self.metrics.scrape, self._health)
+
+    def _health(self) -> tuple[bool, str]:
+        """What /healthz says: healthy when ready and its loops are alive."""
+        state = self.status.state
+        return state == "ready" and self.healthy() and self.snapshot.link.connected, state
+
+    def _live_metrics(self) -> Live:
+        snapshot, scheduler = self.snapshot, self.scheduler
+        engine = snapshot.handler.engine
+        remote = [RemoteServer(server.role, server.outcomes(), server.breaker.state() == "open")
+                  for server in (engine if isinstance(engine, OpenAIServer) else None,
+                                 snapshot.overflow.server if snapshot.overflow is not None else None)
+                  if server is not None]
+        return Live(ready=self.status.state == "ready", broker_connected=snapshot.link.connected,
+                    queue_depth=scheduler.depth, requests_running=scheduler.running,
+                    outbox_messages=self.delivery.stats().get("outbox"), model=engine.name,
+                    provider=engine.provider, batching=str(getattr(engine, "batching", False)).lower(),
+                    inference_pid=getattr(engine, "pid", None), inference_restarts=engine.crashes,
+                    fleet_handed_back=self.intake.handed_back, cameras=self.cameras.info(),
+                    watch=self.watcher.info(), remote=remote)
 
     @staticmethod
     def _max_batch(snapshot: Snapshot) -> int:

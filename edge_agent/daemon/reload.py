@@ -22,7 +22,7 @@ log = get_logger("reload")
 
 # What a change needs, from lightest to heaviest. "live": swapped in, nothing restarts.
 LIVE, LOGGING, CAMERAS, MQTT, MODEL = "live", "logging", "cameras", "mqtt", "model"
-WATCH, HOME_ASSISTANT, OVERFLOW = "watch", "homeassistant", "overflow"
+WATCH, HOME_ASSISTANT, OVERFLOW, METRICS = "watch", "homeassistant", "overflow", "metrics"
 MODEL_KEYS = ("backend", "path", "provider", "provider_options", "fallback")
 LIVE_MQTT_KEYS = ("reply_topic_allow", "fleet_max_hops")
 # watchdog 5+ reports a file being opened and closed unwritten (inotify): reading the settings
@@ -46,6 +46,8 @@ def changed_parts(old: Settings, new: Settings) -> set[str]:
         parts.add(MODEL)
     if old.overflow != new.overflow:
         parts.add(OVERFLOW)
+    if old.metrics != new.metrics:
+        parts.add(METRICS)
     if old.cameras != new.cameras:
         parts.add(CAMERAS)
     if old.watch != new.watch:

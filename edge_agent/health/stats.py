@@ -17,6 +17,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from edge_agent.health.metrics import Metrics
 from edge_agent.health.status import utc_now
 from edge_agent.log import get_logger
 
@@ -40,7 +41,8 @@ class RequestStats:
 
     Thread-safe: the MQTT thread counts rejections, the workers count answers."""
 
-    def __init__(self, window: int = WINDOW) -> None:
+    def __init__(self, window: int = WINDOW, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics  # Prometheus sees the same counts
         self._lock = threading.Lock()
         self._outcomes: Counter[str] = Counter()
         self._latency_ms: deque[float] = deque(maxlen=window)
@@ -52,6 +54,8 @@ class RequestStats:
             self._outcomes[outcome] += 1
             if latency_ms is not None:
                 self._latency_ms.append(latency_ms)
+        if self._metrics is not None:
+            self._metrics.request_done(outcome, None if latency_ms is None else latency_ms / 1000)
 
     def decoded(self, tokens_per_s: float) -> None:
         """Decode speed of one generation; 0 (fewer than 2 tokens) says nothing and is skipped."""
@@ -148,8 +152,8 @@ def parse_compute_apps(text: str, pid: int) -> int:
 class Stats:
     """Everything the stats document holds that the agent does not pass in."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.requests = RequestStats()
+    def __init__(self, clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None) -> None:
+        self.requests = RequestStats(metrics=metrics)
         self._clock = clock
         self._started = clock()
         self._since = utc_now()

@@ -107,6 +107,8 @@ class OpenAIServer:
         self.breaker = Breaker(settings.circuit_failures, settings.circuit_open_s)
         self.reachable: bool | None = None
         self.last_error: str | None = None
+        self._outcomes: dict[str, int] = {}  # requests to it by outcome ("ok" or an error code)
+        self._outcomes_lock = threading.Lock()
         headers = {"Accept": "text/event-stream"}
         key = read_api_key(settings)
         if key:
@@ -146,6 +148,14 @@ class OpenAIServer:
         self.reachable, self.last_error = True, None
         return {"reachable": True, "models": ids}
 
+    def outcomes(self) -> dict[str, int]:
+        with self._outcomes_lock:
+            return dict(self._outcomes)
+
+    def count(self, outcome: str) -> None:
+        with self._outcomes_lock:
+            self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
+
     def info(self) -> dict[str, Any]:
         return {"backend": PROVIDER, "role": self.role, "url": self.url, "model": self.name,
                 "reachable": self.reachable, "circuit": self.breaker.state(),
@@ -171,7 +181,11 @@ class RemoteRequest:
 
     def result(self) -> Generation:
         server = self._server
-        server.breaker.admit()
+        try:
+            server.breaker.admit()
+        except AgentError as exc:
+            server.count(exc.code.value)
+            raise
         try:
             generation = self._run()
         except AgentError as exc:
@@ -179,9 +193,11 @@ class RemoteRequest:
             server.breaker.record(not server_fault)
             if server_fault:
                 server.last_error = exc.message
+            server.count(exc.code.value)
             raise
         server.breaker.record(True)
         server.reachable = True
+        server.count("ok")
         return generation
 
     def _run(self) -> Generation:

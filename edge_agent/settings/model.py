@@ -159,6 +159,27 @@ class StreamSettings(StrictModel):
                              "least this far apart (tokens in between are coalesced)")
 
 
+class MetricsSettings(StrictModel):
+    listen: str = Field("", description="HOST:PORT of the /metrics and /healthz listener "
+                        "(Prometheus text format; no authentication); empty: off")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            listen_address(value)
+        return value
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """'HOST:PORT' (IPv6 in brackets) as (host, port); ValueError naming the problem."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT with a port from 1 to 65535 (e.g. 127.0.0.1:9464)")
+    return host, int(port)
+
+
 class TemplateSettings(StrictModel):
     text: str = Field(min_length=1, description="the user message; each {name} is replaced by the "
                       "request's vars.name (plain {name} fields only; '{{' and '}}' for braces)")
@@ -212,6 +233,7 @@ class Settings(BaseSettings):
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     openai: RemoteServerSettings = Field(default_factory=RemoteServerSettings,
                                          description="the server when model.backend = \"openai\"")
     overflow: OverflowSettings = Field(default_factory=OverflowSettings, description="a server that takes "

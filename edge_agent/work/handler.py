@@ -58,12 +58,12 @@ class RequestHandler:
     """Turns a job into the payload of its answer; every failure becomes an error payload."""
 
     def __init__(self, engine: Inference, max_new_tokens: int, gatherer: Gatherer | None = None,
-                 on_generated: Callable[[Generation], None] | None = None,
+                 on_generated: Callable[[Generation, float], None] | None = None,
                  stream_interval_s: float = 0.1) -> None:
         self._engine = engine
         self._max_new_tokens = max_new_tokens
         self._gatherer = gatherer
-        self._on_generated = on_generated  # sees each engine result (stats: decode speed)
+        self._on_generated = on_generated  # each engine result and its queue wait (stats, metrics)
         self._stream_interval_s = stream_interval_s
 
     @property
@@ -96,8 +96,8 @@ class RequestHandler:
         if sink is not None:
             sink.flush()
         finished = time.monotonic()
-        if self._on_generated is not None and result.completion_tokens:
-            self._on_generated(result)
+        if self._on_generated is not None:
+            self._on_generated(result, started - job.received_at)
         log.info("request.done", finish_reason=result.finish_reason, path=result.path,
                  prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                  ms=round((finished - job.received_at) * 1000, 1))
