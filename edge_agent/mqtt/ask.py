@@ -11,7 +11,7 @@ from typing import Any, Callable
 import paho.mqtt.client as paho
 
 from edge_agent.errors import BrokerError
-from edge_agent.mqtt.client import incoming, new_client, publish_properties
+from edge_agent.mqtt.client import JSON, incoming, new_client, publish_properties
 from edge_agent.settings.model import MqttSettings
 
 
@@ -61,7 +61,7 @@ def ask_once(settings: MqttSettings, request_topic: str, make_payload: Callable[
             raise BrokerError(f"the broker at {settings.host}:{settings.port} refused the "
                               f"connection: {refused[0]}")
         if settings.protocol == "5":
-            props = publish_properties(response_topic=reply_topic, correlation_data=correlation)
+            props = publish_properties(response_topic=reply_topic, correlation_data=correlation, content_type=JSON)
             client.publish(request_topic, make_payload(None), qos=1, properties=props)
         else:
             client.publish(request_topic, make_payload(reply_topic), qos=1)

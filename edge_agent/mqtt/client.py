@@ -21,6 +21,8 @@ from edge_agent.settings.model import MqttSettings
 # systemd's LoadCredential= puts secrets in $CREDENTIALS_DIRECTORY under these names.
 PASSWORD_CREDENTIAL = "mqtt-password"
 TLS_KEY_CREDENTIAL = "mqtt-tls-key"
+# MQTT 5 Content Type of nearly everything the agent publishes: answers, chunks, status, rules.
+JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class Incoming:
     qos: int = 0
     dup: bool = False  # the broker handed us this one before (it never saw our PUBACK)
     user_properties: tuple[tuple[str, str], ...] = ()  # MQTT 5 User Property pairs, in order
+    content_type: str | None = None  # MQTT 5 Content Type, as the sender set it
+    payload_format: int = 0  # MQTT 5 Payload Format Indicator: 1 UTF-8 text, 0 (or absent) bytes
 
 
 def new_client(settings: MqttSettings, client_id: str, *, persistent: bool = False) -> paho.Client:
@@ -64,13 +68,18 @@ def new_client(settings: MqttSettings, client_id: str, *, persistent: bool = Fal
 
 
 def publish_properties(*, correlation_data: bytes | None = None, response_topic: str | None = None,
-                       expiry_s: int | None = None,
-                       user_properties: tuple[tuple[str, str], ...] = ()) -> Properties | None:
-    """The MQTT 5 properties of a PUBLISH, or None when it carries none. MQTT 3.1.1 has no
-    properties: there a caller sends None."""
-    if correlation_data is None and not response_topic and not expiry_s and not user_properties:
+                       expiry_s: int | None = None, user_properties: tuple[tuple[str, str], ...] = (),
+                       content_type: str | None = None, payload_format: int | None = None,
+                       packet: int = PacketTypes.PUBLISH) -> Properties | None:
+    """The MQTT 5 properties of a PUBLISH (or, with `packet`, a will), or None when it carries
+    none. MQTT 3.1.1 has no properties: there a caller sends None. `payload_format` None: 1
+    (UTF-8) for a JSON or text/* content type, else none (0 and absent mean the same)."""
+    if payload_format is None:
+        payload_format = 1 if _is_text(content_type) else 0
+    if (correlation_data is None and not response_topic and not expiry_s and not user_properties
+            and not content_type and not payload_format):
         return None
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(packet)
     if correlation_data is not None:
         props.CorrelationData = correlation_data
     if response_topic:
@@ -79,7 +88,19 @@ def publish_properties(*, correlation_data: bytes | None = None, response_topic:
         props.MessageExpiryInterval = expiry_s
     for pair in user_properties:  # each assignment adds one pair
         props.UserProperty = pair
+    if content_type:
+        props.ContentType = content_type
+    if payload_format:
+        props.PayloadFormatIndicator = payload_format
     return props
+
+
+def _is_text(content_type: str | None) -> bool:
+    """Whether a payload of this content type is UTF-8 text (JSON is, by RFC 8259)."""
+    if not content_type:
+        return False
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == JSON or kind.startswith("text/")
 
 
 def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -122,8 +143,10 @@ def incoming(message: paho.MQTTMessage) -> Incoming:
     correlation = getattr(props, "CorrelationData", None) if props else None
     expiry = getattr(props, "MessageExpiryInterval", None) if props else None
     user = getattr(props, "UserProperty", None) if props else None
+    content_type = getattr(props, "ContentType", None) if props else None
+    payload_format = getattr(props, "PayloadFormatIndicator", 0) if props else 0
     return Incoming(message.topic, bytes(message.payload), response_topic, correlation, expiry,
                     message.mid, message.qos, bool(message.dup),
-                    tuple((str(k), str(v)) for k, v in user or ()))
+                    tuple((str(k), str(v)) for k, v in user or ()), content_type, int(payload_format or 0))
 
 

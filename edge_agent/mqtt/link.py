@@ -16,7 +16,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.backoff import backoff_delay
 from edge_agent.log import get_logger
-from edge_agent.mqtt.client import Incoming, incoming, new_client, publish_properties
+from edge_agent.mqtt.client import JSON, Incoming, incoming, new_client, publish_properties
 from edge_agent.settings.model import MqttSettings
 
 log = get_logger("mqtt")
@@ -139,14 +139,20 @@ class BrokerLink:
                 correlation_data: bytes | None = None, qos: int = 1,
                 on_acked: Callable[[], None] | None = None, response_topic: str | None = None,
                 expiry_s: int | None = None, user_properties: tuple[tuple[str, str], ...] = (),
-                on_refused: Callable[[str], None] | None = None) -> paho.MQTTMessageInfo:
+                on_refused: Callable[[str], None] | None = None, content_type: str | None = JSON,
+                payload_format: int | None = None) -> paho.MQTTMessageInfo:
         """QoS 1 (default) and 2: paho queues it while disconnected and sends it after reconnect;
         `on_acked` runs on the network thread when the broker's PUBACK (QoS 2: PUBCOMP) arrives,
         `on_refused` (if given) instead of it when that acknowledgement refuses the message.
         QoS 0 is dropped while disconnected: for data that is stale by the time we are back.
-        The MQTT 5 properties are left out on 3.1.1, which has none."""
+        `content_type` (JSON unless told) and `payload_format` (None: UTF-8 for JSON and text/*)
+        tell MQTT 5 subscribers what the bytes are; an empty payload (a retained message
+        deleted) says nothing. The MQTT 5 properties are left out on 3.1.1, which has none."""
+        if not payload:
+            content_type, payload_format = None, 0
         props = publish_properties(correlation_data=correlation_data, response_topic=response_topic,
-                                   expiry_s=expiry_s, user_properties=user_properties) if self._v5 else None
+                                   expiry_s=expiry_s, user_properties=user_properties, content_type=content_type,
+                                   payload_format=payload_format) if self._v5 else None
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         # Every publish is tracked (QoS 0 "acks" when written), so no stale early ack can
         # match a packet id paho reuses later.
@@ -232,7 +238,8 @@ class BrokerLink:
         """Open the connection and send CONNECT; None, or why that failed."""
         self._last_error = None
         # paho puts the will into the CONNECT that reconnect() builds, on this thread.
-        self._client.will_set(self._will_topic, self._will_payload(), qos=1, retain=True)
+        props = publish_properties(content_type=JSON, packet=PacketTypes.WILLMESSAGE) if self._v5 else None
+        self._client.will_set(self._will_topic, self._will_payload(), qos=1, retain=True, properties=props)
         try:
             rc = self._client.reconnect()
         except (OSError, ssl.SSLError, ValueError) as exc:

@@ -195,6 +195,7 @@ class Intake:
         link.publish(topics.fleet_request, incoming.payload, qos=1, correlation_data=incoming.correlation_data,
                      response_topic=incoming.response_topic, expiry_s=expiry_s,
                      user_properties=(*properties, (HOPS_PROPERTY, str(hops + 1))),
+                     content_type=incoming.content_type, payload_format=incoming.payload_format,
                      on_acked=lambda: link.ack(incoming),
                      on_refused=lambda reason: self._hand_back_refused(job, incoming, reason, snapshot))
         return True
