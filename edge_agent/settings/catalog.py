@@ -210,6 +210,8 @@ def pull(entry: Entry, variant: Variant, state_dir: Path,
          download: Callable[..., Any] | None = None) -> Path:
     """Download one variant (resumable: huggingface_hub keeps partial files) and mark it done."""
     if download is None:
+        # read by huggingface_hub at import: no usage data in its requests (README, "What leaves the box")
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
