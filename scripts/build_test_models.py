@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # the builder loads the runtime: no usage events
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RECIPES = {"tiny": "testmodels.tiny_phi3", "smollm2": "testmodels.smollm2", "tiny-vision": "testmodels.tiny_phi3v"}

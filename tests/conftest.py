@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -7,6 +8,10 @@ import pytest
 
 from support import AgentProcess, Broker, Client, build_model
 from video import UdpStream, running_stream
+
+# Tests that load the runtime themselves (not through the agent's inference package, which
+# switches it off) must not queue usage events for Microsoft either (README: What leaves the box).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 @pytest.fixture(scope="session")
