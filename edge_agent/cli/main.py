@@ -74,16 +74,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     settings, sources = load(args.config)
     validate_cameras(settings)
+    plan = memory_plan_lines(settings)  # a budget below the weights is a settings error
     if args.explain:
         rows = explain_settings(settings, sources)
         width = max(len(key) for key, _, _ in rows)
         for key, value, origin in rows:
             print(f"{key:<{width}}  {json.dumps(value):<30}  # {origin}")
+        print("\n".join(f"# {line}" for line in plan))
         return 0
     files = ", ".join(str(f) for f in sources.files) or "defaults"
     print(f"# settings from {files} and EDGE_AGENT_* environment")
     print(json.dumps(describe_settings(settings), indent=2))
     return 0
+
+
+def memory_plan_lines(settings: Any) -> list[str]:
+    """The memory plan for the configured model, before loading it (ConfigError: exit 78)."""
+    from edge_agent.daemon.parts import memory_plan
+    from edge_agent.errors import ModelLoadError
+
+    try:
+        plan = memory_plan(settings)
+    except ModelLoadError as exc:
+        return [f"memory plan: not made ({exc})"]
+    if plan is None:
+        return ['memory plan: none (model.backend = "openai": the server holds the model)']
+    return plan.explain()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

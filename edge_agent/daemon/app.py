@@ -337,7 +337,8 @@ class Agent:
                     provider=engine.provider, batching=str(getattr(engine, "batching", False)).lower(),
                     inference_pid=getattr(engine, "pid", None), inference_restarts=engine.crashes,
                     fleet_handed_back=self.intake.handed_back, cameras=self.cameras.info(),
-                    watch=self.watcher.info(), remote=remote)
+                    watch=self.watcher.info(), remote=remote, memory=getattr(engine, "memory", None),
+                    cache_reserved_bytes=getattr(engine, "reserved_bytes", 0))
 
     @staticmethod
     def _max_batch(snapshot: Snapshot) -> int:
@@ -378,9 +379,11 @@ class Agent:
     def _parts_info(self, snapshot: Snapshot) -> dict[str, Any]:
         """Watch rules, the remote backend and the overflow server: in the status and stats."""
         engine = snapshot.handler.engine
+        memory = getattr(engine, "memory", None)
         return {"watch": self.watcher.info(),
                 "remote": engine.info() if isinstance(engine, OpenAIServer) else None,
-                "overflow": snapshot.overflow.info() if snapshot.overflow is not None else None}
+                "overflow": snapshot.overflow.info() if snapshot.overflow is not None else None,
+                "memory": memory.summary(engine.reserved_bytes) if memory is not None else None}
 
 
 def _warm_up(engine: Any, settings: Settings) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from edge_agent.delivery.store import Store
+from edge_agent.inference.memory import MemoryPlan, plan
 from edge_agent.inference.process import LocalInference
 from edge_agent.inference.openai_client import OpenAIServer
+from edge_agent.inference.types import read_genai_config, takes_images
 from edge_agent.protocol import RequestLimits
 from edge_agent.protocol.prompts import PromptTemplate
 from edge_agent.protocol.structured import parse_response_format
@@ -27,11 +29,12 @@ def make_engine(settings: Settings) -> LocalInference | OpenAIServer:
         return OpenAIServer(settings.openai, role="backend")
     model = settings.model
     inference = settings.inference
-    engine = LocalInference(resolve_model_path(settings), model.provider, model.fallback, model.provider_options,
+    folder = resolve_model_path(settings)
+    engine = LocalInference(folder, model.provider, model.fallback, model.provider_options,
                            log_level=settings.log_level, log_format=settings.log_format,
                            longest_s=settings.limits.max_timeout_s, batching=inference.batching,
                            batch_wait_s=inference.batch_wait_ms / 1000,
-                           batch_max_length=inference.batch_max_length)
+                           batch_max_length=inference.batch_max_length, memory=memory_plan(settings))
     if is_catalog_name(str(model.path)):
         engine.name = str(model.path)  # answers say "phi-3.5-mini-instruct", not the variant folder
     return engine
@@ -41,3 +44,14 @@ def open_store(settings: Settings) -> Store:
     delivery = settings.delivery
     return Store(settings.state_dir / "edge-agent.db", outbox_max_items=delivery.outbox_max_items,
                  outbox_max_age_s=delivery.outbox_max_age_s, dedup_window_s=delivery.dedup_window_s)
+
+
+def memory_plan(settings: Settings) -> MemoryPlan | None:
+    """The plan for the configured local model (None for a remote backend); ConfigError when
+    the budget cannot hold its weights."""
+    if settings.model.backend == "openai":
+        return None
+    folder = resolve_model_path(settings)
+    inference = settings.inference
+    return plan(folder, settings.model.provider, inference.memory_mb, inference.batching,
+                inference.batch_max_length, takes_images(read_genai_config(folder)))

@@ -51,6 +51,8 @@ class Live:
     cameras: dict[str, dict[str, Any]] = field(default_factory=dict)
     watch: dict[str, dict[str, Any]] = field(default_factory=dict)
     remote: list[RemoteServer] = field(default_factory=list)
+    memory: Any = None  # inference.memory.MemoryPlan of the local model, None without one
+    cache_reserved_bytes: int = 0  # requests' caches held in the inference process now
 
 
 class Metrics:
@@ -146,6 +148,8 @@ class _LiveCollector(Collector):
         yield from _cameras(live.cameras)
         yield from _watch(live.watch)
         yield from _remote(live.remote)
+        if live.memory is not None:
+            yield from _memory(live.memory, live.cache_reserved_bytes)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -196,3 +200,11 @@ def _remote(servers: list[RemoteServer]) -> Iterator[Metric]:
             requests.add_metric([server.role, outcome], float(count))
         circuit.add_metric([server.role], 1.0 if server.circuit_open else 0.0)
     yield from (requests, circuit)
+
+
+def _memory(plan: Any, reserved: int) -> Iterator[Metric]:
+    yield _gauge("memory_budget_bytes", "The memory plan's budget for the model and its caches", plan.budget_bytes)
+    yield _gauge("model_weights_bytes", "The model files' size", plan.weights_bytes)
+    yield _gauge("kv_cache_bytes_per_token", "Cache bytes one token of context takes", plan.kv_bytes_per_token)
+    yield _gauge("cache_reserved_bytes", "Caches held now: the batching engine's and running requests'",
+                 plan.batch_cache_bytes + reserved)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from edge_agent.errors import AgentError, Internal, ModelLoadError, Timeout, Unavailable
+from edge_agent.inference.memory import MemoryPlan
 from edge_agent.inference.types import (DEFAULT_BATCH_MAX_LENGTH, DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED,
                                         WARMUP_TOKENS, Generation, GenerationParams, LoadedInfo, LoadSpec,
                                         Work, read_genai_config, takes_images)
@@ -131,15 +132,21 @@ class LocalInference:
                  log_format: str = "auto", longest_s: float | None = None,
                  stuck_grace_s: float = STUCK_GRACE_S, batching: bool = True,
                  batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
-                 batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH) -> None:
+                 batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH, memory: MemoryPlan | None = None) -> None:
         self.folder = folder
+        self.memory = memory  # the plan this model was loaded under (None: no budget)
+        self.reserved_bytes = 0  # requests' caches held in the child now (its "memory" events)
         # A request with no deadline of its own is stuck once it runs longer than this
         # (limits.max_timeout_s) plus the grace: ended here, before the systemd watchdog would
         # restart the whole daemon for it.
         self.longest_s = longest_s
         self.stuck_grace_s = stuck_grace_s
+        if memory is not None:
+            batching, batch_max_length = memory.batching, memory.batch_max_length
         self._spec = LoadSpec(str(folder), provider, tuple(fallback), dict(provider_options or {}),
-                              log_level, log_format, batching, batch_wait_s, batch_max_length)
+                              log_level, log_format, batching, batch_wait_s, batch_max_length,
+                              memory.cache_budget_bytes if memory else None,
+                              memory.kv_bytes_per_token if memory else 0)
         self.name = folder.name
         self.supports_images = takes_images(read_genai_config(folder))  # fails early on a bad folder
         self.context_length: int | None = None
@@ -271,6 +278,11 @@ class LocalInference:
         self.provider_attempts, self.context_length = info.provider_attempts, info.context_length
         self.supports_images = info.supports_images
         self.batching, self.batching_reason, self.batch_group = info.batching, info.batching_reason, info.batch_group
+        self.reserved_bytes = 0  # a new child holds no request's cache yet
+        note = self.memory.batching_note if self.memory is not None else None
+        if note:  # the plan shortened the batch cache, or turned batching off: say so, not the setting
+            self.batching_reason = f"memory plan: {note}" if info.batching == "off" else \
+                f"{info.batching_reason}; memory plan: {note}"
         log.info("inference.process_started", pid=proc.pid, model=self.name, provider=self.provider,
                  batching=self.batching, ms=round((time.monotonic() - started) * 1000, 1))
         return child
@@ -352,6 +364,10 @@ class LocalInference:
         self._replace_dead_child(child)
 
     def _route(self, events: list[tuple[str, int, Any]]) -> None:
+        for kind, _, value in events:
+            if kind == "memory":
+                self.reserved_bytes = int(value)
+        events = [event for event in events if event[0] != "memory"]
         with self._lock:
             routed = [(self._handles.get(rid) if kind == "token" else self._handles.pop(rid, None), kind, value)
                       for kind, rid, value in events]

@@ -89,6 +89,10 @@ class LoadSpec:
     batching: bool = True
     batch_wait_s: float = DEFAULT_BATCH_WAIT_S
     batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH
+    # The memory plan's share for requests' own caches, and what a token of cache takes:
+    # a request starts generating only when its cache fits (None: no budget).
+    cache_budget_bytes: int | None = None
+    kv_bytes_per_token: int = 0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,11 @@ Two paths, chosen per request (never changing what it asked for):
 - batch: the runtime's og.Engine. "dynamic" (paged attention) takes newcomers at any step;
   "static" (CPU) runs fixed groups, so a request that finds the engine idle waits `wait_s` for
   others to arrive and start with it; later ones wait for the running group.
-Events out: ("token", rid, text), ("done", rid, Generation), ("failed", rid, AgentError|str).
+A request on a generator of its own holds a cache of prompt + budget tokens: with a memory
+budget it starts only when that cache fits in what is left (requests wait in order, so none is
+passed for ever); one that could never fit fails at once (TooLarge).
+Events out: ("token", rid, text), ("done", rid, Generation), ("failed", rid, AgentError|str),
+("memory", 0, bytes of request caches held now).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, Protocol
 
 import onnxruntime_genai as og
 
-from edge_agent.errors import AgentError, Timeout
+from edge_agent.errors import AgentError, Timeout, TooLarge
 from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
                                         FINISH_STOP, Generation, GenerationParams, Work)
 from edge_agent.log import get_logger
@@ -78,6 +82,7 @@ class Run:
         self.generator: Any = None  # single path
         self.request: Any = None  # batch path: og.Request and its turn
         self.turn: Any = None
+        self.lone = False  # came to an idle engine after a quiet spell: waits for no company
 
     def take(self, token: int, eos_ids: frozenset[int]) -> str | None:
         """The text a new token adds; None once it is the end token."""
@@ -100,9 +105,16 @@ class Run:
 
 
 class Core:
-    def __init__(self, engine: Model, wait_s: float = DEFAULT_BATCH_WAIT_S) -> None:
+    def __init__(self, engine: Model, wait_s: float = DEFAULT_BATCH_WAIT_S, *,
+                 cache_budget_bytes: int | None = None, kv_bytes_per_token: int = 0) -> None:
         self._engine = engine
         self._wait_s = wait_s
+        self._cache_budget = cache_budget_bytes
+        self._kv_bytes = kv_bytes_per_token
+        self._reserved = 0  # bytes of the caches of the single runs
+        self._reserved_said = 0
+        self._waiting: list[Run] = []  # single runs waiting for their cache to fit, in order
+        self._last_arrival = float("-inf")
         self._single: dict[int, Run] = {}
         self._batch: dict[int, Run] = {}  # rid -> run on the og.Engine
         self._by_request: dict[int, Run] = {}  # id(og.Request) -> run
@@ -112,15 +124,15 @@ class Core:
 
     @property
     def active(self) -> int:
-        return len(self._single) + len(self._batch) + len(self._gathering)
+        return len(self._single) + len(self._batch) + len(self._gathering) + len(self._waiting)
 
     def wait_time(self) -> float | None:
         """How long the loop may block waiting for messages: None = until one comes."""
-        if self._single or self._batch:
+        if self._single or self._batch or self._waiting:
             return 0.0
         if self._gathering:
-            if len(self._gathering) >= self._engine.batching.group_size:
-                return 0.0  # a full group starts now
+            if len(self._gathering) >= self._engine.batching.group_size or self._lone_gathering():
+                return 0.0  # a full group, or a lone request, starts now
             return max(0.0, self._gather_since + self._wait_s - time.monotonic())
         return None
 
@@ -133,12 +145,16 @@ class Core:
             mode = self._engine.batching.mode
         except AgentError as exc:
             return [("failed", rid, exc)]
+        previous, self._last_arrival = self._last_arrival, received
         if not self._engine.fits_batch(work, prompt):
             return self._start(run, single=True)
         if mode == "dynamic":
             return self._start(run, single=not self.active)
         if self._batch:
             return self._start(run, single=False)  # waits for the running group (the engine queues it)
+        # Nothing running and none came lately: no company is coming, unless it came in the same
+        # read of the inbox (a burst); the step after that read starts a lone one at once.
+        run.lone = not self.active and received - previous > self._wait_s
         if not self._gathering:
             self._gather_since = received
         self._gathering.append(run)
@@ -148,11 +164,11 @@ class Core:
         """End a request now with the text it has; an unknown id is no error (it finished)."""
         run = self._single.pop(rid, None)
         if run is not None:
-            run.generator = None
+            self._release(run)
             return [("done", rid, run.result(FINISH_CANCELLED))]
-        run = next((r for r in self._gathering if r.rid == rid), None)
+        run = next((r for r in (*self._gathering, *self._waiting) if r.rid == rid), None)
         if run is not None:
-            self._gathering.remove(run)
+            (self._gathering if run in self._gathering else self._waiting).remove(run)
             return [("done", rid, run.result(FINISH_CANCELLED))]
         run = self._batch.pop(rid, None)
         if run is not None:
@@ -168,8 +184,9 @@ class Core:
         now = time.monotonic()
         events.extend(self._expire(now))
         group_full = len(self._gathering) >= self._engine.batching.group_size
-        if self._gathering and (group_full or now - self._gather_since >= self._wait_s):
+        if self._gathering and (group_full or self._lone_gathering() or now - self._gather_since >= self._wait_s):
             events.extend(self._start_group())
+        events.extend(self._admit_waiting())
         for run in list(self._single.values()):
             events.extend(self._step_single(run))
         if self._buffer is not None and self._engine.og_engine.has_pending_requests():
@@ -177,7 +194,13 @@ class Core:
         elif self._batch:  # never seen; without this the loop would spin on them for ever
             lost, self._batch = self._batch, {}
             events.extend(("failed", rid, "the batching engine lost the request") for rid in lost)
+        if self._reserved != self._reserved_said:
+            self._reserved_said = self._reserved
+            events.append(("memory", 0, self._reserved))
         return events
+
+    def _lone_gathering(self) -> bool:
+        return len(self._gathering) == 1 and self._gathering[0].lone and not self._single and not self._batch
 
     def run_one(self, work: Work) -> Generation:
         """Generate one request to the end (warm-up, tools, tests): raises what it fails with."""
@@ -207,7 +230,7 @@ class Core:
 
     def fail_all(self, text: str) -> list[Event]:
         """The runtime raised where no request could be blamed: every request in flight fails."""
-        runs = [*self._single.values(), *self._batch.values(), *self._gathering]
+        runs = [*self._single.values(), *self._batch.values(), *self._gathering, *self._waiting]
         for run in self._batch.values():
             try:
                 run.request.cancel_turn(run.turn)
@@ -216,12 +239,56 @@ class Core:
         self._single.clear()
         self._batch.clear()
         self._gathering.clear()
+        self._waiting.clear()
+        self._reserved = 0
         return [("failed", run.rid, text) for run in runs]
 
     def _start_single(self, run: Run) -> None:
         run.path = "single"
-        run.generator = self._engine.generator(run.prompt, run.work.params)
+        need = self._cache_bytes(run)
+        if self._cache_budget is not None:
+            if need > self._cache_budget:
+                tokens = run.prompt.length + run.prompt.budget
+                raise TooLarge(f"the request needs a cache of {tokens} tokens ({need / 2**20:.1f} MB); the memory "
+                               f"budget leaves {self._cache_budget / 2**20:.1f} MB for caches (inference.memory_mb)")
+            if self._waiting or self._reserved + need > self._cache_budget:
+                self._waiting.append(run)  # in order: none passes the one ahead
+                return
+        self._reserved += need
+        try:
+            run.generator = self._engine.generator(run.prompt, run.work.params)
+        except BaseException:
+            self._reserved -= need
+            raise
         self._single[run.rid] = run
+        log.debug("inference.started", rid=run.rid, running=len(self._single), reserved=self._reserved)
+
+    def _cache_bytes(self, run: Run) -> int:
+        return (run.prompt.length + run.prompt.budget) * self._kv_bytes
+
+    def _release(self, run: Run) -> None:
+        run.generator = None
+        self._reserved = max(0, self._reserved - self._cache_bytes(run))
+
+    def _admit_waiting(self) -> list[Event]:
+        """Start the waiting runs, in order, while the one ahead fits."""
+        events: list[Event] = []
+        while self._waiting and self._reserved + self._cache_bytes(self._waiting[0]) <= (self._cache_budget or 0):
+            run = self._waiting.pop(0)
+            try:
+                self._reserved += self._cache_bytes(run)
+                run.generator = self._engine.generator(run.prompt, run.work.params)
+            except AgentError as exc:
+                self._reserved -= self._cache_bytes(run)
+                events.append(("failed", run.rid, exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which answers `internal`
+                self._reserved -= self._cache_bytes(run)
+                events.append(("failed", run.rid, f"{type(exc).__name__}: {exc}"))
+                continue
+            self._single[run.rid] = run
+            log.debug("inference.started", rid=run.rid, running=len(self._single), reserved=self._reserved)
+        return events
 
     def _start_batch(self, run: Run) -> None:
         run.path = "batch"
@@ -242,7 +309,7 @@ class Core:
 
     def _end_single(self, run: Run, finish: str) -> list[Event]:
         del self._single[run.rid]
-        run.generator = None
+        self._release(run)
         return [("done", run.rid, run.result(finish))]
 
     def _step_batch(self) -> list[Event]:
@@ -280,8 +347,12 @@ class Core:
         for run in [r for r in self._gathering if r.expired(now)]:
             self._gathering.remove(run)
             events.append(("failed", run.rid, Timeout("deadline passed before generation started")))
+        for run in [r for r in self._waiting if r.expired(now)]:
+            self._waiting.remove(run)
+            events.append(("failed", run.rid, Timeout("deadline passed while waiting for memory for its cache")))
         for run in [r for r in self._single.values() if r.expired(now)]:
             del self._single[run.rid]
+            self._release(run)
             events.append(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens")))
         for run in [r for r in self._batch.values() if r.expired(now)]:
             del self._batch[run.rid]

@@ -74,7 +74,8 @@ def serve(conn: Connection) -> None:
     conn.send(("loaded", LoadedInfo(engine.provider, engine.provider_reason, engine.provider_attempts,
                                     engine.context_length, engine.supports_images,
                                     b.mode, b.reason, b.group_size)))
-    core = Core(engine, spec.batch_wait_s)
+    core = Core(engine, spec.batch_wait_s, cache_budget_bytes=spec.cache_budget_bytes,
+                kv_bytes_per_token=spec.kv_bytes_per_token)
     inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
     threading.Thread(target=_read, args=(conn, inbox), name="child-reader", daemon=True).start()
     _loop(conn, core, inbox)
