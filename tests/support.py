@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -27,6 +27,17 @@ from certs import Pki, make_pki
 REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
 ANSWER_TIMEOUT_S = 30.0
+
+
+def until(check: Callable[[], Any], what: str = "the condition", timeout: float = 20.0) -> Any:
+    """The first true value of `check()`, polled every 50 ms; AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"never: {what} (in {timeout} s)")
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ from edge_agent.errors import BadRequest, CameraUnavailable, ConfigError, StaleF
 from edge_agent.settings.model import CameraSettings, Settings
 from edge_agent.settings.base import redact
 from edge_agent.settings.sources import source_kind
+from support import until
 from video import UdpStream, free_udp_port, make_clip, running_stream
 
 # Small timing settings: a dead stream is noticed in 1 s, reopened within 1 s.
@@ -29,16 +30,6 @@ SETTLE_S = 10.0
 
 def camera_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("camera-")]
-
-
-def until(predicate: Callable[[], Any], timeout: float = SETTLE_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +66,7 @@ def test_live_frames_are_fresh_and_new(live: UdpStream, cameras: Callable[..., C
     first = cam.fresh_frame()
     assert first.age_ms() < 500 and (first.width, first.height) == (640, 480)
     assert abs(first.captured_at - time.time()) < 1.0
-    later = until(lambda: (f := cam.fresh_frame()).seq > first.seq and f)
+    later = until(lambda: (f := cam.fresh_frame()).seq > first.seq and f, "a later frame", SETTLE_S)
     assert later.age_ms() < 500 and later.captured_mono > first.captured_mono
     time.sleep(1.0)  # let the fps window fill
     info = cam.info()
@@ -94,7 +85,7 @@ def test_frames_are_distinct_and_spaced(live: UdpStream, cameras: Callable[..., 
 
 def test_killed_stream_reconnects_and_resumes(stream: UdpStream, cameras: Callable[..., Camera]) -> None:
     cam = cameras(stream.url, fresh_wait_ms=300)
-    until(lambda: cam.info()["state"] == "streaming")
+    until(lambda: cam.info()["state"] == "streaming", "streaming", SETTLE_S)
     stream.stop()
     killed = time.monotonic()
     until(lambda: cam.info()["state"] in ("reconnecting", "failed"), timeout=3.0)
@@ -112,7 +103,7 @@ def test_killed_stream_reconnects_and_resumes(stream: UdpStream, cameras: Callab
 
 def test_paused_stream_gives_stale_frame_then_recovers(stream: UdpStream, cameras: Callable[..., Camera]) -> None:
     cam = cameras(stream.url, max_frame_age_ms=200, fresh_wait_ms=300, read_timeout_s=5.0)
-    until(lambda: cam.info()["state"] == "streaming")
+    until(lambda: cam.info()["state"] == "streaming", "streaming", SETTLE_S)
     stream.pause()
     try:
         def stale() -> bool:
@@ -126,7 +117,7 @@ def test_paused_stream_gives_stale_frame_then_recovers(stream: UdpStream, camera
         assert cam.info()["state"] == "streaming"  # a pause shorter than read_timeout_s is no failure
     finally:
         stream.resume()
-    assert until(lambda: cam.fresh_frame()).age_ms() < 200
+    assert until(lambda: cam.fresh_frame(), "a fresh frame", SETTLE_S).age_ms() < 200
 
 
 def test_unreachable_source_is_unavailable_quickly(cameras: Callable[..., Camera]) -> None:
@@ -143,7 +134,7 @@ def test_on_demand_opens_per_request_and_leaves_no_thread(live: UdpStream, camer
     assert camera_threads() == [] and cam.info()["state"] == "idle"
     first = cam.fresh_frame()
     assert first.age_ms() < 500 and first.width == 640
-    until(lambda: camera_threads() == [])  # the thread ends after its current grab
+    until(lambda: camera_threads() == [], "no camera thread", SETTLE_S)  # the thread ends after its current grab
     assert cam.info()["state"] == "idle"
     frames = cam.frames(2, 100)  # a second open, right away
     assert frames[1].captured_mono - frames[0].captured_mono >= 0.1 and frames[0].seq > first.seq

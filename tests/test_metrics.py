@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Callable
 from prometheus_client.parser import text_string_to_metric_families
 
 from faults import fault_hooks_env
-from support import AgentProcess, Broker, Client, ask, free_port
+from support import AgentProcess, Broker, Client, ask, free_port, until
 
 WAIT_S = 30
 
@@ -46,16 +45,6 @@ def health(port: int) -> tuple[int, str]:
     except OSError:
         return 0, "unreachable"
     return status, json.loads(body)["state"]
-
-
-def until(check: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"never: {what}")
 
 
 def test_requests_tokens_and_state_are_scraped(broker: Broker, client: Client,
@@ -90,7 +79,7 @@ def test_healthz_follows_starting_ready_stopping(broker: Broker, client: Client,
     port = free_port()
     agent = start_agent(broker, client, wait_ready=False, metrics__listen=f"127.0.0.1:{port}",
                         shutdown_grace_s=5, env=fault_hooks_env(tmp_path / "hooks", slow_load_s=3.0))
-    assert until(lambda: health(port) == (503, "starting"), "starting")
+    assert until(lambda: health(port) == (503, "starting"), "starting", WAIT_S)
     assert until(lambda: health(port) == (200, "ready"), "ready")
     client.subscribe(agent.response_topic)
     client.publish(agent.request_topic, json.dumps({"id": "slow", "prompt": "SLOW", "max_tokens": 2}))
