@@ -58,8 +58,7 @@ class Agent:
         self.cameras = CameraSet(settings.cameras)
         self.in_flight = InFlight()
         self.scheduler = Scheduler(settings.limits.queue_size, run)
-        self.store = open_store(settings)
-        self.delivery = Delivery(self.store, lambda: self.snapshot.link,
+        self.delivery = Delivery(open_store(settings), lambda: self.snapshot.link,
                                  lambda: self.snapshot.settings.delivery.answer_qos)
         topics = Topics(settings.mqtt.topic_prefix, settings.device_id)
         self.snapshot = Snapshot(settings, topics, request_limits(settings), self._new_link(settings, topics),

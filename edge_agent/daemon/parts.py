@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from edge_agent.delivery.store import Store
 from edge_agent.inference.memory import MemoryPlan, plan
 from edge_agent.inference.process import LocalInference
 from edge_agent.inference.openai_client import OpenAIServer
-from edge_agent.inference.types import read_genai_config, takes_images
 from edge_agent.protocol import RequestLimits
 from edge_agent.protocol.prompts import PromptTemplate
 from edge_agent.protocol.structured import parse_response_format
@@ -34,7 +35,7 @@ def make_engine(settings: Settings) -> LocalInference | OpenAIServer:
                            log_level=settings.log_level, log_format=settings.log_format,
                            longest_s=settings.limits.max_timeout_s, batching=inference.batching,
                            batch_wait_s=inference.batch_wait_ms / 1000,
-                           batch_max_length=inference.batch_max_length, memory=memory_plan(settings))
+                           batch_max_length=inference.batch_max_length, memory=memory_plan(settings, folder))
     if is_catalog_name(str(model.path)):
         engine.name = str(model.path)  # answers say "phi-3.5-mini-instruct", not the variant folder
     return engine
@@ -46,12 +47,11 @@ def open_store(settings: Settings) -> Store:
                  outbox_max_age_s=delivery.outbox_max_age_s, dedup_window_s=delivery.dedup_window_s)
 
 
-def memory_plan(settings: Settings) -> MemoryPlan | None:
-    """The plan for the configured local model (None for a remote backend); ConfigError when
-    the budget cannot hold its weights."""
+def memory_plan(settings: Settings, folder: Path | None = None) -> MemoryPlan | None:
+    """The plan for the configured local model (None for a remote backend; `folder`: its path,
+    when already resolved); ConfigError when the budget cannot hold its weights."""
     if settings.model.backend == "openai":
         return None
-    folder = resolve_model_path(settings)
     inference = settings.inference
-    return plan(folder, settings.model.provider, inference.memory_mb, inference.batching,
-                inference.batch_max_length, takes_images(read_genai_config(folder)))
+    return plan(folder or resolve_model_path(settings), settings.model.provider, inference.memory_mb,
+                inference.batching, inference.batch_max_length)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ConfigError, ModelLoadError
-from edge_agent.inference.types import read_genai_config
+from edge_agent.inference.types import read_genai_config, takes_images
 
 MB = 1024 * 1024
 # Left to the rest of the box when the budget is automatic: its OS, the daemon, the broker.
@@ -120,8 +120,7 @@ def _available_bytes() -> int:
     return 1 << 40  # unknown: no limit from here
 
 
-def plan(folder: Path, provider: str, memory_mb: float, batching: bool, batch_max_length: int,
-         takes_images: bool = False) -> MemoryPlan:
+def plan(folder: Path, provider: str, memory_mb: float, batching: bool, batch_max_length: int) -> MemoryPlan:
     """The plan for this model folder on this box. ConfigError when the budget cannot hold the
     weights (it names both figures)."""
     config = read_genai_config(folder)
@@ -140,7 +139,7 @@ def plan(folder: Path, provider: str, memory_mb: float, batching: bool, batch_ma
     group_bytes = 0
     # The child batches only text models whose past and present KV share one buffer (engine.py).
     shares_buffer = bool(config.get("search", {}).get("past_present_share_buffer", True))
-    if batching and not takes_images and shares_buffer:
+    if batching and not takes_images(config) and shares_buffer:
         per_length = BATCH_GROUP * shape.kv_bytes_per_token
         share = (budget - weights) // 2
         if per_length * length > share:

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import itertools
 import os
-import queue
 import socket
 import subprocess
 import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from edge_agent.errors import AgentError, Internal, ModelLoadError, Timeout, Unavailable
+from edge_agent.inference.channel import STOP_WAIT_S, Child, Handle, pack
 from edge_agent.inference.memory import MemoryPlan
 from edge_agent.inference.types import (DEFAULT_BATCH_MAX_LENGTH, DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED,
                                         WARMUP_TOKENS, Generation, GenerationParams, LoadedInfo, LoadSpec,
@@ -39,84 +38,6 @@ POLL_S = 0.25
 # The child checks deadlines between tokens; a request stuck inside a single call this long
 # past its deadline is ended with the child.
 STUCK_GRACE_S = 10.0
-STOP_WAIT_S = 5.0
-
-
-class Handle:
-    """One request in the child: its text as it comes (`on_token`) and its end."""
-
-    def __init__(self, rid: int, limit: float | None, on_token: Callable[[str], None] | None) -> None:
-        self.rid = rid
-        self.limit = limit  # past this (plus the grace) it is stuck
-        self._on_token = on_token
-        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._cancel: Callable[[int], None] | None = None
-
-    def put(self, kind: str, value: Any) -> None:
-        self._events.put((kind, value))
-
-    def result(self) -> Generation:
-        """Wait for the end, passing text on as it comes; raises what the request failed with."""
-        while True:
-            kind, value = self._events.get()
-            if kind == "token":
-                if self._on_token is not None:
-                    self._on_token(value)
-                continue
-            if kind == "done":
-                return value  # type: ignore[no-any-return]
-            if isinstance(value, Exception):  # AgentError; ModelLoadError when no child could load
-                raise value
-            raise RuntimeError(value)  # an unexpected exception in the child, by its text
-
-    def cancel(self) -> None:
-        if self._cancel is not None:
-            self._cancel(self.rid)
-
-
-class _Child:
-    """One inference process and our end of its socket. Messages to it are pickled by the
-    caller and written by its own writer thread, in the order they were sent: a sender never
-    waits for the socket, and a dead child's writer just stops."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
-        self.proc, self.conn = proc, conn
-        # Unbounded, but holds at most the messages of the requests in flight (bounded upstream)
-        # and a cancel each, until the reader sees the child gone.
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._writer = threading.Thread(target=self._write, name="inference-writer", daemon=True)
-        self._writer.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def send(self, data: bytes) -> None:
-        """`data` from `_pack`."""
-        self._outbox.put(data)
-
-    def _write(self) -> None:
-        while (data := self._outbox.get()) is not None:
-            try:
-                self.conn.send_bytes(data)
-            except (OSError, ValueError):
-                return  # the child is gone: its reader fails what it had
-
-    def stop(self, *, kill: bool = False) -> int | None:
-        """End the process (asked to stop, or killed), then close the socket; its exit status."""
-        if kill:
-            self.proc.kill()
-        else:
-            self.send(_pack(("stop",)))
-        self._outbox.put(None)
-        try:
-            code = self.proc.wait(STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._writer.join(STOP_WAIT_S)  # a write to the ended process fails at once
-        self.conn.close()
-        return code
 
 
 class LocalInference:
@@ -155,7 +76,7 @@ class LocalInference:
         self.batching, self.batching_reason, self.batch_group = "off", "not loaded", 1
         self.crashes = 0
         self._lock = threading.Lock()
-        self._child: _Child | None = None  # None: dead, or not loaded (again) yet
+        self._child: Child | None = None  # None: dead, or not loaded (again) yet
         self._handles: dict[int, Handle] = {}
         # Submits taken while no child was up, with their deadlines: sent to the next child.
         self._waiting: dict[int, tuple[bytes, float | None]] = {}
@@ -195,7 +116,7 @@ class LocalInference:
         (one died, or could not be loaded again), it waits for the next one, not the caller."""
         handle = Handle(next(self._ids), self._limit(work.deadline), on_token)
         handle._cancel = self.cancel
-        message = _pack(("submit", handle.rid, work))
+        message = pack(("submit", handle.rid, work))
         restart = False
         with self._lock:
             if self._closed:
@@ -222,7 +143,7 @@ class LocalInference:
         if handle is not None:  # never reached a child: it ends here, as a cancel before the start does
             handle.put("done", Generation("", FINISH_CANCELLED, 0, 0, None, 0.0))
         elif running and child is not None:
-            child.send(_pack(("cancel", rid)))
+            child.send(pack(("cancel", rid)))
 
     def close(self, wait_s: float = STOP_WAIT_S) -> None:
         """Stop the child once the requests in flight are done, or after `wait_s`: then those
@@ -244,7 +165,7 @@ class LocalInference:
             pass  # a restart under way has ended, and stopped the child it made
 
     # --- the child -------------------------------------------------------------------------
-    def _start(self) -> _Child:
+    def _start(self) -> Child:
         """Start a child and load the model there; raises ModelLoadError as OrtGenaiEngine does."""
         ours, theirs = socket.socketpair()
         started = time.monotonic()
@@ -257,7 +178,7 @@ class LocalInference:
             raise ModelLoadError(f"cannot start the inference process: {exc}") from exc
         finally:
             theirs.close()
-        child = _Child(proc, Connection(ours.detach()))
+        child = Child(proc, Connection(ours.detach()))
         with self._lock:
             self._loading, closed = proc, self._closed
         try:
@@ -287,9 +208,9 @@ class LocalInference:
                  batching=self.batching, ms=round((time.monotonic() - started) * 1000, 1))
         return child
 
-    def _handshake(self, child: _Child) -> tuple[Any, ...] | None:
+    def _handshake(self, child: Child) -> tuple[Any, ...] | None:
         """Send the spec, wait for the child's answer; None if it ended first."""
-        child.send(_pack(("load", self._spec)))
+        child.send(pack(("load", self._spec)))
         try:
             while not child.conn.poll(POLL_S):
                 if child.proc.poll() is not None and not child.conn.poll(0):
@@ -298,7 +219,7 @@ class LocalInference:
         except (EOFError, OSError):
             return None
 
-    def _adopt(self, child: _Child) -> None:
+    def _adopt(self, child: Child) -> None:
         """Make a loaded child the current one and send it the requests that waited for it."""
         with self._lock:
             self._restarting = False
@@ -344,11 +265,12 @@ class LocalInference:
                     self._restarting = False
                     waiting = [self._handles.pop(rid) for rid in self._waiting if rid in self._handles]
                     self._waiting.clear()
-                _fail(waiting, lambda handle: exc)
+                failure = exc  # `exc` is unbound once the except block ends
+                _fail(waiting, lambda handle: failure)
                 return
             self._adopt(child)
 
-    def _read(self, child: _Child) -> None:
+    def _read(self, child: Child) -> None:
         """Route the child's events until it dies or is replaced; then fail what it had."""
         while True:
             try:
@@ -375,7 +297,7 @@ class LocalInference:
             if handle is not None:
                 handle.put(kind, value)
 
-    def _stuck(self, child: _Child) -> bool:
+    def _stuck(self, child: Child) -> bool:
         """A request past its limit by the grace is stuck in one runtime call: end the child."""
         now = time.monotonic()
         with self._lock:
@@ -395,7 +317,7 @@ class LocalInference:
             self._restart_in_background()
         return True
 
-    def _replace_dead_child(self, child: _Child) -> None:
+    def _replace_dead_child(self, child: Child) -> None:
         """The child died (the runtime exited, was killed, ran out of memory): every request it
         had fails, a new child loads the model for the next."""
         with self._lock:
@@ -423,12 +345,6 @@ class LocalInference:
         self._handles.clear()
         self._waiting.clear()
         return handles
-
-
-def _pack(message: tuple[Any, ...]) -> bytes:
-    """Pickled as Connection.send does: on the sender's thread, so a message that cannot be
-    pickled fails there."""
-    return bytes(ForkingPickler.dumps(message))
 
 
 def _fail(handles: list[Handle], error: Callable[[Handle], Exception]) -> None:

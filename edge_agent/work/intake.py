@@ -50,7 +50,6 @@ class Intake:
         self._early_lock = threading.Lock()
         self._early: deque[Incoming] | None = deque()
         self._early_max = early_max
-        self.early_refused = 0
         self._side_doors: list[Callable[[Incoming], bool]] = []
 
     # --- the door ----------------------------------------------------------------------------
@@ -63,8 +62,7 @@ class Intake:
                 early.append(incoming)
                 return
         if early is not None and self._is_request(incoming):
-            self.early_refused += 1
-            self._refuse_early(incoming)
+            self._refuse_early(incoming)  # counted as `busy` in the stats, like any refusal
             return
         self._route(incoming)
 

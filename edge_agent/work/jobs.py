@@ -89,10 +89,14 @@ class Job:
         """Registered where a cancel can reach it; `forget` runs when it ends."""
         self._forget = forget
 
-    def finish(self, payload: bytes, outcome: str, *, final: bool = True) -> None:
-        """The one way a job ends: out of reach of cancels, its answer to its end."""
+    def untrack(self) -> None:
+        """Out of reach of cancels (it ended, or its runner failed)."""
         if self._forget is not None:
             self._forget(self)
+
+    def finish(self, payload: bytes, outcome: str, *, final: bool = True) -> None:
+        """The one way a job ends: out of reach of cancels, its answer to its end."""
+        self.untrack()
         if self.end is not None:
             self.end.answered(self, payload, outcome, final)
 
@@ -107,8 +111,7 @@ def run(job: Job) -> None:
     try:
         payload, outcome = job.runner.handle(job, lambda seq, delta: _chunk(job, seq, delta))
     except BaseException:
-        if job._forget is not None:
-            job._forget(job)
+        job.untrack()
         raise
     job.finish(payload, outcome)
 

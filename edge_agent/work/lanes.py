@@ -73,9 +73,13 @@ class _Lanes:
             self.background_running -= 1
             self.cond.notify()
 
+    def queued(self) -> list[Job]:
+        with self.cond:
+            return [item for item in (*self.requests, *self.background) if isinstance(item, Job)]
+
     def drain(self) -> list[Job]:
         with self.cond:
-            jobs = [item for item in (*self.requests, *self.background) if isinstance(item, Job)]
+            jobs = self.queued()  # the condition's lock is reentrant
             self.requests.clear()
             self.background.clear()
             return jobs
@@ -138,9 +142,7 @@ class Scheduler:
 
     def jobs(self) -> list[Job]:
         """Queued and running, at this moment."""
-        with self._lanes.cond:
-            queued = [item for item in (*self._lanes.requests, *self._lanes.background) if isinstance(item, Job)]
-        return queued + [job for job in (worker.job for worker in self._workers) if job is not None]
+        return self._lanes.queued() + [job for job in (worker.job for worker in self._workers) if job is not None]
 
     def submit(self, job: Job) -> bool:
         if self._lanes.put(job):

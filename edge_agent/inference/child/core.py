@@ -219,9 +219,13 @@ class Core:
         return [event for run in group for event in self._start(run, single=alone)]
 
     def _start(self, run: Run, *, single: bool) -> list[Event]:
+        return self._guarded(run, self._start_single if single else self._start_batch)
+
+    @staticmethod
+    def _guarded(run: Run, start: Any) -> list[Event]:
         """Start generating; a failure to start is that request's alone."""
         try:
-            self._start_single(run) if single else self._start_batch(run)
+            start(run)
         except AgentError as exc:
             return [("failed", run.rid, exc)]
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which answers `internal`
@@ -245,8 +249,8 @@ class Core:
 
     def _start_single(self, run: Run) -> None:
         run.path = "single"
-        need = self._cache_bytes(run)
         if self._cache_budget is not None:
+            need = self._cache_bytes(run)
             if need > self._cache_budget:
                 tokens = run.prompt.length + run.prompt.budget
                 raise TooLarge(f"the request needs a cache of {tokens} tokens ({need / 2**20:.1f} MB); the memory "
@@ -254,6 +258,11 @@ class Core:
             if self._waiting or self._reserved + need > self._cache_budget:
                 self._waiting.append(run)  # in order: none passes the one ahead
                 return
+        self._open(run)
+
+    def _open(self, run: Run) -> None:
+        """Its generator, with its cache counted as held."""
+        need = self._cache_bytes(run)
         self._reserved += need
         try:
             run.generator = self._engine.generator(run.prompt, run.work.params)
@@ -271,23 +280,10 @@ class Core:
         self._reserved = max(0, self._reserved - self._cache_bytes(run))
 
     def _admit_waiting(self) -> list[Event]:
-        """Start the waiting runs, in order, while the one ahead fits."""
+        """Start the waiting runs, in order, while the one ahead fits (only with a budget)."""
         events: list[Event] = []
         while self._waiting and self._reserved + self._cache_bytes(self._waiting[0]) <= (self._cache_budget or 0):
-            run = self._waiting.pop(0)
-            try:
-                self._reserved += self._cache_bytes(run)
-                run.generator = self._engine.generator(run.prompt, run.work.params)
-            except AgentError as exc:
-                self._reserved -= self._cache_bytes(run)
-                events.append(("failed", run.rid, exc))
-                continue
-            except Exception as exc:  # noqa: BLE001 - reported to the parent, which answers `internal`
-                self._reserved -= self._cache_bytes(run)
-                events.append(("failed", run.rid, f"{type(exc).__name__}: {exc}"))
-                continue
-            self._single[run.rid] = run
-            log.debug("inference.started", rid=run.rid, running=len(self._single), reserved=self._reserved)
+            events.extend(self._guarded(self._waiting.pop(0), self._open))
         return events
 
     def _start_batch(self, run: Run) -> None:
