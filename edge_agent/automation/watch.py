@@ -9,6 +9,8 @@ sampling field is sent), so unchanged frames give unchanged answers.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import threading
 import time
@@ -16,9 +18,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from edge_agent.health.status import utc_iso, utc_now
+from edge_agent.health.status import utc_iso
 from edge_agent.log import get_logger
 from edge_agent.protocol import encode
+from edge_agent.protocol.history import HistoryEvent
 from edge_agent.settings.model import Settings
 from edge_agent.settings.watch import WatchRuleSettings
 
@@ -30,11 +33,14 @@ _NOTHING = object()  # no value published yet
 # submit(fields, on_done, background=..., trusted=..., timeout_s=...) -> accepted
 Submit = Callable[..., bool]
 Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain)
+Record = Callable[[HistoryEvent, "bytes | None"], None]  # a published state and its JPEG, for the history
 
 
 def rule_fields(name: str, rule: WatchRuleSettings) -> dict[str, Any]:
     """The request a rule run makes (also what `edge-agent watch run` sends)."""
-    fields: dict[str, Any] = {"id": f"watch-{name}-{uuid.uuid4().hex[:12]}", "camera": rule.camera}
+    # include_frame: the JPEG the model saw comes back, for the history's snapshot
+    fields: dict[str, Any] = {"id": f"watch-{name}-{uuid.uuid4().hex[:12]}", "camera": rule.camera,
+                              "include_frame": True}
     if rule.template is not None:
         fields["template"] = rule.template
         if rule.vars:
@@ -53,6 +59,20 @@ def rule_fields(name: str, rule: WatchRuleSettings) -> dict[str, Any]:
 def answer_value(answer: Mapping[str, Any]) -> Any:
     """What a run's answer says: its JSON value when it has one, else its text."""
     return answer["json"] if "json" in answer else answer.get("text")
+
+
+def take_snapshot(answer: dict[str, Any]) -> bytes | None:
+    """Pops every frame's `jpeg_base64` out of a run's answer (never in the published state);
+    returns the last frame's JPEG (the newest the model saw), None when there is none."""
+    jpeg = None
+    for frame in answer.get("frames") or []:
+        encoded = frame.pop("jpeg_base64", None) if isinstance(frame, dict) else None
+        if encoded:
+            try:
+                jpeg = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                log.warning("watch.snapshot_unreadable")
+    return jpeg
 
 
 def change_value(value: Any, change_key: tuple[str, ...]) -> Any:
@@ -80,9 +100,10 @@ class _Rule:
 
 class Watcher:
     def __init__(self, submit: Submit, publish: Publish, topics: Callable[[], Any],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, record: Record | None = None) -> None:
         self._submit = submit
         self._publish = publish
+        self._record = record  # every published state goes to the history (never waits)
         self._topics = topics  # the current Topics (a reload may change the prefix)
         self._clock = clock
         self._lock = threading.Lock()
@@ -198,7 +219,9 @@ class Watcher:
     # --- results -------------------------------------------------------------------------
     def _finished(self, rule: _Rule, trigger: str, payload: bytes, outcome: str) -> None:
         answer = json.loads(payload)
-        at = utc_now()
+        jpeg = take_snapshot(answer)
+        wall = time.time()
+        at = utc_iso(wall)
         with self._lock:
             rule.running = False
             rule.last_at = at
@@ -233,6 +256,18 @@ class Watcher:
             self._publish(topics.events, encode({"rule": rule.name, "at": at, key_name: value,
                                                  "previous": previous}), False)
         log.info("watch.published", rule=rule.name, changed=changed)
+        self._keep(HistoryEvent(answer.get("id") or "", rule.name, rule.settings.camera, wall, trigger,
+                                answer.get("text"), answer.get("json"), "json" in answer, changed, jpeg is not None),
+                   jpeg)
+
+    def _keep(self, event: HistoryEvent, jpeg: bytes | None) -> None:
+        """After the state is out: the history may fail or be full, the rule goes on."""
+        if self._record is None:
+            return
+        try:
+            self._record(event, jpeg)
+        except Exception:  # noqa: BLE001 - the history never costs a rule its state
+            log.exception("history.record_failed", rule=event.rule)
 
     # --- what the status shows -------------------------------------------------------------
     def info(self) -> dict[str, dict[str, Any]]:

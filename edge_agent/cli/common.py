@@ -34,9 +34,10 @@ def config_error(exc: ConfigError) -> int:
 
 
 def send_and_print(command: str, mqtt_settings: Any, topic: str, make_payload: Any, args: argparse.Namespace,
-                   on_chunk: Any = None, streamed: list[str] | None = None) -> int:
-    """Send one request, print its answer (`--json`: all of it; else the text or JSON value,
-    errors on stderr) and return the exit code."""
+                   on_chunk: Any = None, streamed: list[str] | None = None,
+                   show: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Send one request, print its answer (`--json`: all of it; else `show(answer)`, or the text
+    or JSON value; errors on stderr) and return the exit code."""
     from edge_agent.errors import BrokerError
     from edge_agent.mqtt import ask_once
 
@@ -51,6 +52,8 @@ def send_and_print(command: str, mqtt_settings: Any, topic: str, make_payload: A
     answer = json.loads(raw)
     if args.json:
         print(json.dumps(answer, indent=2, ensure_ascii=False))
+    elif answer.get("ok") and show is not None:
+        show(answer)
     elif answer.get("ok") and streamed:
         # Streamed: the rest of the text (all of it if chunks were lost).
         shown = "".join(streamed)

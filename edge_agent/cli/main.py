@@ -12,6 +12,7 @@ from typing import Any
 from edge_agent import __version__
 from edge_agent.cli.common import (EXIT_ERROR_ANSWER, EXIT_NO_ANSWER, Handler, config_error, load,
                                    send_and_print)
+from edge_agent.cli.events import HANDLERS as EVENT_HANDLERS, add_parsers as add_event_commands
 from edge_agent.cli.models import HANDLERS as MODEL_HANDLERS, add_parsers as add_model_commands
 from edge_agent.cli.watch import HANDLERS as WATCH_HANDLERS, add_parsers as add_watch_commands
 from edge_agent.errors import EXIT_CONFIG, ConfigError
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     add_model_commands(commands, config_help)  # providers, models list|pull|verify
     add_watch_commands(commands, config_help)  # watch list|run
+    add_event_commands(commands, config_help)  # events
     return parser
 
 
@@ -213,7 +215,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers: dict[str, Handler] = {"run": cmd_run, "check-config": cmd_check_config, "ask": cmd_ask,
-                                    "snapshot": cmd_snapshot, **MODEL_HANDLERS, **WATCH_HANDLERS}
+                                    "snapshot": cmd_snapshot, **MODEL_HANDLERS, **WATCH_HANDLERS, **EVENT_HANDLERS}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:  # from any command: the settings, the cameras, the daemon's start

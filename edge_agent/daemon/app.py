@@ -14,9 +14,10 @@ from edge_agent import log as logging_setup
 from edge_agent.automation.ha_bridge import HomeAssistantBridge, subscriptions as ha_subscriptions
 from edge_agent.automation.watch import Watcher
 from edge_agent.cameras.camera_set import CameraSet
-from edge_agent.daemon.parts import make_engine, open_store, request_limits
+from edge_agent.daemon.parts import history_bounds, make_engine, open_store, request_limits
 from edge_agent.daemon.reload import (CAMERAS, HOME_ASSISTANT, LOGGING, METRICS, MODEL, MQTT, OVERFLOW, WATCH,
                                       changed_parts)
+from edge_agent.delivery.history import History
 from edge_agent.delivery.outbox import Delivery
 from edge_agent.errors import Unavailable
 from edge_agent.health.listener import MetricsListener
@@ -29,6 +30,7 @@ from edge_agent.inference.types import Generation
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
 from edge_agent.protocol import Topics
+from edge_agent.protocol.history import HistoryEvent
 from edge_agent.settings.model import Settings
 from edge_agent.work.frames import ImageGatherer
 from edge_agent.work.handler import Inference, RequestHandler
@@ -60,14 +62,16 @@ class Agent:
         self.scheduler = Scheduler(settings.limits.queue_size, run)
         self.delivery = Delivery(open_store(settings), lambda: self.snapshot.link,
                                  lambda: self.snapshot.settings.delivery.answer_qos)
+        self.history = History(settings.state_dir, lambda: history_bounds(self.snapshot.settings))
         topics = Topics(settings.mqtt.topic_prefix, settings.device_id)
         self.snapshot = Snapshot(settings, topics, request_limits(settings), self._new_link(settings, topics),
                                  self._new_handler(settings, make_engine(settings)), self._new_overflow(settings))
         self.intake = Intake(self.current, self.scheduler, self.delivery, self.in_flight, self.stats,
-                             self._stopping.is_set)
+                             self._stopping.is_set, history=self.history)
         self.reports = Reports(self.current, self.status, self.stats, self.cameras.info, self.work_info,
                                self.live_status)
-        self.watcher = Watcher(self.intake.submit_fields, self._publish_retained, lambda: self.snapshot.topics)
+        self.watcher = Watcher(self.intake.submit_fields, self._publish_retained, lambda: self.snapshot.topics,
+                               record=self._record)
         self.home_assistant = HomeAssistantBridge(self.current, self.intake.submit_fields)
         self.intake.add_side_door(self.home_assistant.take_if_mine)
         self.cameras.set_motion_listener(self._on_motion)
@@ -132,6 +136,7 @@ class Agent:
         snapshot.handler.engine.close()
         offline = self.status.set("offline")
         self.delivery.close()  # answers still queued are stored, acknowledged and published first
+        self.history.close(snapshot.settings.shutdown_grace_s)
         if not snapshot.link.publish_and_wait(snapshot.topics.status, offline, retain=True):
             log.warning("status.offline_not_acknowledged")
         snapshot.link.stop()
@@ -273,6 +278,11 @@ class Agent:
         """Rule state, events, motion: paho queues them while the broker is away (QoS 1)."""
         self.snapshot.link.publish(topic, payload, retain=retain)
 
+    def _record(self, event: HistoryEvent, jpeg: bytes | None) -> None:
+        """A rule's published state into the history, unless [history] is off (a reload may say so)."""
+        if self.snapshot.settings.history.enabled:
+            self.history.record(event, jpeg)
+
     def _on_motion(self, camera: str, state: str) -> None:
         """From a capture thread: publish the retained state, let the rules know."""
         snapshot = self.snapshot
@@ -380,6 +390,7 @@ class Agent:
         engine = snapshot.handler.engine
         memory = getattr(engine, "memory", None)
         return {"watch": self.watcher.info(),
+                "history": self.history.info() if snapshot.settings.history.enabled else None,
                 "remote": engine.info() if isinstance(engine, OpenAIServer) else None,
                 "overflow": snapshot.overflow.info() if snapshot.overflow is not None else None,
                 "memory": memory.summary(engine.reserved_bytes) if memory is not None else None}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_agent.delivery.history import Bounds
 from edge_agent.delivery.store import Store
 from edge_agent.inference.memory import MemoryPlan, plan
 from edge_agent.inference.process import LocalInference
@@ -45,6 +46,11 @@ def open_store(settings: Settings) -> Store:
     delivery = settings.delivery
     return Store(settings.state_dir / "edge-agent.db", outbox_max_items=delivery.outbox_max_items,
                  outbox_max_age_s=delivery.outbox_max_age_s, dedup_window_s=delivery.dedup_window_s)
+
+
+def history_bounds(settings: Settings) -> Bounds:
+    history = settings.history
+    return Bounds(history.max_events, history.max_age_days * 86400, int(history.max_mb * 1_000_000))
 
 
 def memory_plan(settings: Settings, folder: Path | None = None) -> MemoryPlan | None:

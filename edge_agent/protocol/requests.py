@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from edge_agent.errors import AgentError, BadRequest, Forbidden, TooLarge
+from edge_agent.protocol.history import HistoryQuery, parse_history
 from edge_agent.protocol.prompts import VAR_NAME, PromptTemplate, render_template, template_fields
 from edge_agent.protocol.topics import CONTROL_CHARS, check_topic_name
 from edge_agent.protocol.strictjson import decode_json_object, json_type
@@ -19,7 +20,9 @@ ROLES = ("system", "user", "assistant")
 REQUEST_FIELDS = frozenset({"id", "prompt", "messages", "system", "max_tokens", "temperature",
                             "top_p", "top_k", "seed", "reply_to", "timeout_s",
                             "camera", "frames", "interval_ms", "images", "include_frame",
-                            "template", "vars", "stream", "response_format"})
+                            "template", "vars", "stream", "response_format", "history"})
+# A `history` request without a question is a query of the event history: no model runs.
+QUERY_FIELDS = frozenset({"id", "reply_to", "timeout_s", "history"})
 FREE_TEXT_FIELDS = ("prompt", "messages", "system")  # refused when free prompts are not allowed
 MAX_FRAMES = 8
 MAX_INTERVAL_MS = 10_000
@@ -64,6 +67,13 @@ class Request:
     stream: bool = False  # publish the text in chunks as it is generated
     response_format: ResponseFormat | None = None  # constrained decoding; None: free text
     id_given: bool = True  # False: the id was generated here, so a re-send cannot be recognised
+    history: HistoryQuery | None = None  # events to answer with (no messages) or to ask about
+    history_counts: tuple[int, int] | None = None  # (given, matched): set once the context is in
+
+    @property
+    def history_only(self) -> bool:
+        """A query of the event history: answered with events, no model runs."""
+        return self.history is not None and not self.messages
 
     @property
     def image_count(self) -> int:
@@ -224,6 +234,9 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
         if unknown:
             raise BadRequest("unknown field(s): " + ", ".join(repr(k[:64]) for k in unknown[:5]))
         checked_id = _check_id(obj)
+        history = parse_history(obj["history"]) if "history" in obj else None
+        if history is not None and not any(k in obj for k in ("prompt", "messages", "template")):
+            return _history_query(obj, checked_id, history, limits)
         messages, template = _prompt(obj, limits)
         chars = sum(len(m["content"]) for m in messages)
         if chars > limits.max_prompt_chars:
@@ -251,10 +264,22 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
             stream=stream,
             response_format=response_format,
             timeout_s=_number(obj, "timeout_s", 0, limits.max_timeout_s, integer=False, low_open=True),
+            history=history,
             **vision,
         )
     except AgentError as exc:
         raise RequestError(exc, request_id) from None
+
+
+def _history_query(obj: dict[str, Any], request_id: str, history: HistoryQuery, limits: RequestLimits) -> Request:
+    other = sorted(set(obj) - QUERY_FIELDS)
+    if other:
+        raise BadRequest("'history' without 'prompt', 'messages' or 'template' is a query of the event "
+                         f"history; it takes only {', '.join(sorted(QUERY_FIELDS))}, not "
+                         + ", ".join(repr(k) for k in other[:5]))
+    reply_to = check_topic_name(obj["reply_to"], "reply_to") if "reply_to" in obj else None
+    return Request(id=request_id, id_given="id" in obj, messages=(), reply_to=reply_to, history=history,
+                   timeout_s=_number(obj, "timeout_s", 0, limits.max_timeout_s, integer=False, low_open=True))
 
 
 def _camera_list(obj: dict[str, Any], names: frozenset[str]) -> tuple[str, ...]:

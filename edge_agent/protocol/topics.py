@@ -66,6 +66,10 @@ class Topics:
         """Retained: a watch rule's last published state."""
         return f"{self.base}/watch/{rule}"
 
+    def watch_snapshot(self, rule: str) -> str:
+        """Where a rule's snapshot (the JPEG its run saw) is named in the history's answers."""
+        return f"{self.base}/watch/{rule}/snapshot"
+
     def motion(self, camera: str) -> str:
         """Retained: `ON` or `OFF`."""
         return f"{self.base}/camera/{camera}/motion"

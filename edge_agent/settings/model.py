@@ -135,6 +135,16 @@ class DeliverySettings(StrictModel):
                                       "ends keep their state; 1 for brokers without QoS 2 (AWS IoT Core)")
 
 
+class HistorySettings(StrictModel):
+    enabled: bool = Field(True, description="keep every published rule state, with the frame the model "
+                          "saw, in state_dir (history.db, history/<id>.jpg); ask about it with a "
+                          "request's `history` or `edge-agent events`")
+    max_events: int = Field(10_000, ge=1, le=10_000_000, description="events kept; the oldest go first")
+    max_age_days: float = Field(30.0, gt=0, le=3650, description="older events are deleted")
+    max_mb: float = Field(500.0, gt=0, le=1_048_576, description="the events and their snapshot files, in "
+                          "MB (10^6 bytes); the oldest go first")
+
+
 class LimitsSettings(StrictModel):
     queue_size: int = Field(8, ge=1, le=10000, description="requests waiting for a free inference slot")
     max_payload_bytes: int = Field(4 * 1024 * 1024, ge=512, le=64 * 1024 * 1024,
@@ -232,6 +242,7 @@ class Settings(BaseSettings):
     cameras: dict[str, CameraSettings] = Field(default_factory=dict, description="[cameras.<name>] tables")
     images: ImageSettings = Field(default_factory=ImageSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    history: HistorySettings = Field(default_factory=HistorySettings, description="[history]: rule events kept")
     prompts: PromptSettings = Field(default_factory=PromptSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)

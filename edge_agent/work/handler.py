@@ -125,6 +125,9 @@ class RequestHandler:
             parsed, value = json_value(result.text)
             if parsed:
                 extra["json"] = value
+        if request.history_counts is not None:
+            given, matched = request.history_counts
+            extra["history"] = {"events_given": given, "events_matched": matched}
         if request.stream:
             extra["done"] = True
         return extra

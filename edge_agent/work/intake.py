@@ -16,6 +16,7 @@ import structlog
 
 from edge_agent.delivery.outbox import DUPLICATE, Delivery
 from edge_agent.errors import AgentError, Busy, Internal, Unavailable
+from edge_agent.work.history import HistoryLookup, HistoryRequests
 from edge_agent.work.inflight import InFlight
 from edge_agent.work.jobs import CallbackEnd, Job
 from edge_agent.log import get_logger
@@ -35,7 +36,8 @@ HOPS_PROPERTY = "edge-agent-hops"
 
 class Intake:
     def __init__(self, current: Current, scheduler: Scheduler, delivery: Delivery, in_flight: InFlight,
-                 stats: Stats, stopping: Callable[[], bool], early_max: int = EARLY_MAX) -> None:
+                 stats: Stats, stopping: Callable[[], bool], early_max: int = EARLY_MAX,
+                 history: HistoryLookup | None = None) -> None:
         self._current = current
         self._scheduler = scheduler
         self._delivery = delivery
@@ -43,6 +45,7 @@ class Intake:
         self._stats = stats
         self._stopping = stopping
         self._replies = _Replies(current, delivery, stats)
+        self._history = HistoryRequests(history, self._replies.queried, self._queue, self.reply_error)
         self.handed_back = 0  # fleet requests passed back to the pool (queue full)
         self.hop_limit_reached = 0  # ... that could not be: passed on too often already
         # Requests a resumed session delivers before the agent takes requests: held, at most
@@ -143,17 +146,24 @@ class Intake:
             job = Job(request, topic, incoming.correlation_data, received,
                       deadline(received, request.timeout_s, incoming.expiry_s), incoming,
                       end=self._replies, runner=snapshot.handler)
-            if not snapshot.loaded:  # only with overflow.when "unloaded": nothing is held meanwhile
-                if not self._overflow(job, "unloaded", snapshot):
-                    self.reply_error(topic, request, Unavailable(
-                        "the model is loading and this request may not go to the overflow server"),
-                        incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
+            if request.history is not None:  # looked up on the history's thread, then on
+                self._history.take(job, incoming, snapshot)
                 return
-            if self._enqueue(job):
-                log.info("request.accepted", queue_depth=self._scheduler.depth, reply_topic=topic)
-                return
-            if not self._hand_back(job, incoming, snapshot):
-                self._overflow_or_busy(job, incoming, snapshot)
+            self._queue(job, incoming, snapshot)
+
+    def _queue(self, job: Job, incoming: Incoming, snapshot: Snapshot) -> None:
+        """An admitted request on to the queue, the fleet, the overflow server, or `busy`."""
+        if not snapshot.loaded:  # only with overflow.when "unloaded": nothing is held meanwhile
+            if not self._overflow(job, "unloaded", snapshot):
+                self.reply_error(job.reply_topic, job.request, Unavailable(
+                    "the model is loading and this request may not go to the overflow server"),
+                    incoming, retry_after_ms=BUSY_RETRY_AFTER_MS)
+            return
+        if self._enqueue(job):
+            log.info("request.accepted", queue_depth=self._scheduler.depth, reply_topic=job.reply_topic)
+            return
+        if not self._hand_back(job, incoming, snapshot):
+            self._overflow_or_busy(job, incoming, snapshot)
 
     def _overflow_or_busy(self, job: Job, incoming: Incoming, snapshot: Snapshot) -> None:
         """A request the queue has no room for: the overflow server's, else answered `busy`."""
@@ -304,6 +314,10 @@ class _Replies:
         self._stats.requests.count(outcome, latency_ms)
         self._delivery.answer(request.id, request.id_given, job.reply_topic, payload,
                               job.correlation_data, job.message, final=final)
+
+    def queried(self, job: Job, payload: bytes) -> None:
+        """The answer to a query of the history: no model ran."""
+        self.answered(job, payload, "ok", True)
 
     def chunk(self, job: Job, seq: int, delta: str) -> None:
         self._current().link.publish(job.reply_topic, chunk_payload(job.request.id, seq, delta),
