@@ -83,7 +83,7 @@ class Reports:
                                       queue_depth=work["queue_depth"], busy_rejected=work["busy_rejected"])
             doc.update(in_flight=work["in_flight"], delivery=work["delivery"],
                        inference_restarts=work["inference_restarts"], watch=work["watch"],
-                       **{key: work[key] for key in ("remote", "overflow", "fleet", "memory") if work[key]})
+                       **{key: work[key] for key in ("remote", "overflow", "fleet", "memory", "history") if work[key]})
         except Exception:  # noqa: BLE001 - stats must never take the daemon down
             log.exception("stats.failed")
             return
