@@ -83,6 +83,7 @@ WRONG_TYPES: dict[str, list[Any]] = {
     "stream": ["yes", 1, None, []],
     "response_format": ["json", 5, None, [], {}, {"type": 5}, {"type": "json_schema", "json_schema": "x"},
                         {"type": "regex", "regex": 5}, {"type": "lark", "grammar": ""}],
+    "history": ["week", 5, None, [], True, {"since": 5}, {"rule": ["door"]}, {"limit": "5"}],
 }
 
 # Numbers in range for their type, out of range for the field.

@@ -165,8 +165,9 @@ def test_fuzz_request_objects_parse_or_give_a_coded_error(obj: dict) -> None:
         assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE) and exc.message
         if isinstance(obj.get("id"), str) and 0 < len(obj["id"]) <= 128 and obj["id"].isprintable():
             assert exc.request_id == obj["id"]
-    else:
-        assert request.messages and request.messages[-1]["role"] == "user"
+    else:  # a question, or a query of the history (no messages: no model runs)
+        assert request.history_only or (request.messages and request.messages[-1]["role"] == "user")
+        assert not request.history_only or set(obj) <= {"id", "reply_to", "timeout_s", "history"}
         assert request.max_tokens is None or 1 <= request.max_tokens <= LIMITS.max_tokens_cap
 
 
