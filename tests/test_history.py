@@ -66,15 +66,29 @@ def cli(agent: AgentProcess, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, cwd=REPO, timeout=60)
 
 
+def settled(client: Client, agent: AgentProcess, quiet_s: float = 1.5, timeout: float = 30) -> dict[str, Any]:
+    """The history once no new event came for `quiet_s` (after the rules were switched off)."""
+    deadline, last = time.monotonic() + timeout, history(client, agent)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = history(client, agent)
+        if now["events"] == last["events"]:
+            return now
+        last = now
+    raise TimeoutError("the history kept changing")
+
+
 def test_events_are_kept_as_rules_publish_and_answered_newest_first_without_images(
         start: Callable[..., AgentProcess], client: Client, tmp_path: Path) -> None:
-    agent = start(watch=door_rule(), history__max_events=3)
+    agent = start(watch=door_rule(), history__max_events=3, reload_debounce_s=0.2)
     client.subscribe(agent.response_topic)
     client.subscribe(f"{agent.prefix}/{agent.device_id}/watch/door")
     states = [p for _, t, p in collect(client, 5.5) if t.endswith("/watch/door")]
     assert len(states) >= 4 and all(b"jpeg_base64" not in p for p in states)  # never in the state
     assert all(json.loads(p)["frames"][0]["camera"] == "yard" for p in states)
-    answer = history(client, agent, rule="door")
+    client.client.unsubscribe(f"{agent.prefix}/{agent.device_id}/watch/door")  # its clearing is empty
+    agent.rewrite(watch=door_rule(enabled=False))  # hot reload: the rule stops, the history stays
+    answer = settled(client, agent)
     assert answer["ok"] is True and answer["count"] == answer["matched"] == 3, answer  # the count bound
     events = answer["events"]
     assert [e["at"] for e in events] == sorted((e["at"] for e in events), reverse=True)
@@ -84,34 +98,41 @@ def test_events_are_kept_as_rules_publish_and_answered_newest_first_without_imag
                for e in events), events
     assert all(e["text"] == json.loads(states[-1])["text"] for e in events)  # greedy, same frame
     assert "jpeg_base64" not in json.dumps(answer)
-    kept = snapshots(agent)  # the oldest went with their events (one more may be on its way in)
-    assert {e["id"] for e in events} <= set(kept) and len(kept) <= 4, kept
+    assert snapshots(agent) == sorted(e["id"] for e in events)  # the oldest went with their events
     assert history(client, agent, rule="gate")["matched"] == 0
     assert history(client, agent, since="2999-01-01")["events"] == []
+    assert history(client, agent, until=events[1]["at"])["events"] == events[2:]
 
     # a bad filter: bad_request naming the field, and the next request is answered
     bad = ask(client, agent, {"id": "bad-filter", "history": {"rule": "door", "since": "last week"}})
     assert bad["ok"] is False and bad["error"]["code"] == "bad_request"
     assert "history.since 'last week' is not an ISO 8601 time" in bad["error"]["message"], bad
-    assert history(client, agent, limit=1)["count"] == 1
+    assert history(client, agent, limit=1)["events"] == events[:1]
 
-    # the CLI: text, JSON, and a snapshot written out
+    # the CLI: JSON, text, and a snapshot written out
     listing = cli(agent, "--rule", "door", "--json")
     assert listing.returncode == 0, listing.stderr
-    printed = json.loads(listing.stdout)["events"]
-    assert len(printed) == 3 and all("jpeg_base64" not in json.dumps(e) for e in printed)
+    assert json.loads(listing.stdout)["events"] == events
     text = cli(agent, "--rule", "door", "--limit", "2")
-    assert text.returncode == 0 and text.stdout.splitlines()[-1] == "2 of 3 events", text.stdout
-    newest = printed[0]
-    assert text.stdout.splitlines()[0].startswith(f"{newest['at'][:19]}") or "door  yard  schedule" in text.stdout
+    assert text.returncode == 0, text.stderr
+    assert text.stdout == "".join(f"{e['at']}  door  yard  schedule  {e['text']}  snapshot {e['id']}\n"
+                                  for e in events[:2]) + "2 of 3 events\n"
     out = tmp_path / "snap.jpg"
-    wrote = cli(agent, "--snapshot", newest["id"], "--out", str(out))
+    wrote = cli(agent, "--snapshot", events[0]["id"], "--out", str(out))
     assert wrote.returncode == 0, wrote.stderr
+    assert out.read_bytes() == (state_dir(agent) / "history" / f"{events[0]['id']}.jpg").read_bytes()
     assert out.read_bytes()[:2] == b"\xff\xd8" and out.stat().st_size > 1000
     gone = cli(agent, "--snapshot", "watch-door-000000000000", "--out", str(out))
     assert gone.returncode == 1 and "no snapshot watch-door-000000000000" in gone.stderr
     odd = cli(agent, "--snapshot", "../edge-agent.db", "--out", str(out))
     assert odd.returncode == 64 and "is not a snapshot id" in odd.stderr
+
+    # a lower bound by hot reload holds at once, not at the next event (the rule is off)
+    agent.rewrite(history__max_events=2)
+    deadline = time.monotonic() + 15
+    while history(client, agent)["matched"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert history(client, agent)["events"] == events[:2] and snapshots(agent) == sorted(e["id"] for e in events[:2])
 
 
 def test_a_question_over_the_history_gets_the_events_as_context_and_says_how_many(

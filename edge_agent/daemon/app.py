@@ -204,6 +204,8 @@ class Agent:
             self.home_assistant.announce()
         if LOGGING in parts:
             logging_setup.configure(new.log_level, new.log_format)
+        if old.settings.history != new.history:
+            self.history.rebound()
         return parts
 
     def move_metrics_listener(self, new: Settings) -> None:

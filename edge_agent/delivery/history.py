@@ -204,12 +204,22 @@ class History:
         """`found(events, matched)` or `failed(reason)`, later, on the history-writer thread."""
         def step() -> None:
             try:
-                found(*self._opened().query(query))
+                events, matched = self._opened().query(query)
             except StoreError as exc:
                 log.warning("history.query_failed", error=str(exc))
                 failed(f"the history cannot be read: {exc}")
+                return
+            try:
+                found(events, matched)
+            except Exception as exc:  # noqa: BLE001 - the request is still answered
+                log.exception("history.answer_failed")
+                failed(f"internal error: {type(exc).__name__}")
         if not self._writer.submit(step):
             failed(f"the history has {HISTORY_QUEUE_MAX} steps waiting already")
+
+    def rebound(self) -> None:
+        """New bounds (a reload): held at once, not at the next event."""
+        self._writer.submit(self._open)
 
     def flush(self, timeout: float) -> bool:
         return self._writer.flush(timeout)
@@ -231,7 +241,7 @@ class History:
         return self._store
 
     def _open(self) -> None:
-        """At start: bounds that may have changed while the agent was down, stray files."""
+        """At start (and on new bounds): bounds that may have changed meanwhile, stray files."""
         try:
             store = self._opened()
             removed, swept = store.enforce(self._bounds()), store.sweep()
