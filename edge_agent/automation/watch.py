@@ -5,10 +5,17 @@ A rule run is background work that enters through the intake like any request (t
 the same engine), in the background lane: it waits behind every request and never makes one
 `busy`. A rule whose previous run is still going is skipped, counted. Runs are greedy (no
 sampling field is sent), so unchanged frames give unchanged answers.
+
+A rule on a zone runs on that zone's motion, and with `crop` the model sees the zone's box cut
+from the full-resolution frame. When a rule publishes, the JPEG the model saw goes out retained on
+its snapshot topic (raw bytes, bounded by `snapshot_max_bytes`), and its id and time are in the
+state and the event.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import threading
 import time
@@ -21,6 +28,7 @@ from edge_agent.log import get_logger
 from edge_agent.protocol import encode
 from edge_agent.settings.model import Settings
 from edge_agent.settings.watch import WatchRuleSettings
+from edge_agent.settings.zones import Box, crop_box
 
 log = get_logger("watch")
 TICK_S = 0.1  # how often schedules and motion triggers are looked at
@@ -29,12 +37,20 @@ _NOTHING = object()  # no value published yet
 
 # submit(fields, on_done, background=..., trusted=..., timeout_s=...) -> accepted
 Submit = Callable[..., bool]
-Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain)
+Publish = Callable[..., None]  # (topic, payload, retain, content_type=None)
+SNAPSHOT_TYPE = "image/jpeg"
+FitJpeg = Callable[[bytes, int], bytes]  # (jpeg, max_bytes) -> a JPEG that fits (cameras/images.py)
 
 
-def rule_fields(name: str, rule: WatchRuleSettings) -> dict[str, Any]:
-    """The request a rule run makes (also what `edge-agent watch run` sends)."""
+def rule_fields(name: str, rule: WatchRuleSettings, crop: Box | None = None,
+                with_frame: bool = False) -> dict[str, Any]:
+    """The request a rule run makes (also what `edge-agent watch run` sends, without the trusted
+    `crop` and the frame). `with_frame`: the answer carries the JPEG the model saw (the snapshot)."""
     fields: dict[str, Any] = {"id": f"watch-{name}-{uuid.uuid4().hex[:12]}", "camera": rule.camera}
+    if crop is not None:
+        fields["crop"] = list(crop)
+    if with_frame:
+        fields["include_frame"] = True
     if rule.template is not None:
         fields["template"] = rule.template
         if rule.vars:
@@ -48,6 +64,23 @@ def rule_fields(name: str, rule: WatchRuleSettings) -> dict[str, Any]:
     if rule.max_tokens is not None:
         fields["max_tokens"] = rule.max_tokens
     return fields
+
+
+def take_snapshot(answer: dict[str, Any]) -> tuple[bytes | None, dict[str, Any] | None]:
+    """Takes the frames' JPEGs out of a run's answer (they never go into the published state) and
+    returns the first one, the picture the model saw, with its id (the run's request id) and time
+    (the frame's capture); (None, None) when the answer has none."""
+    jpeg, info = None, None
+    for frame in answer.get("frames") or []:
+        text = frame.pop("jpeg_base64", None)
+        if text is None or jpeg is not None:
+            continue
+        try:
+            jpeg = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        info = {"id": answer.get("id"), "at": frame.get("captured_at")}
+    return jpeg, info
 
 
 def answer_value(answer: Mapping[str, Any]) -> Any:
@@ -66,6 +99,7 @@ def change_value(value: Any, change_key: tuple[str, ...]) -> Any:
 class _Rule:
     name: str
     settings: WatchRuleSettings
+    crop: Box | None = None  # the zone's box, when the rule crops
     next_at: float | None = None  # the schedule's next run (monotonic)
     started_at: float | None = None  # the last run's start (cooldown counts from it)
     running: bool = False
@@ -80,8 +114,9 @@ class _Rule:
 
 class Watcher:
     def __init__(self, submit: Submit, publish: Publish, topics: Callable[[], Any],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, fit_jpeg: FitJpeg | None = None) -> None:
         self._submit = submit
+        self._fit_jpeg = fit_jpeg  # None: a snapshot over its size is not published
         self._publish = publish
         self._topics = topics  # the current Topics (a reload may change the prefix)
         self._clock = clock
@@ -102,14 +137,20 @@ class Watcher:
                 old = self._rules.get(name)
                 if not rule.enabled:
                     continue
-                if old is not None and old.settings == rule:
+                crop = _crop_of(rule, settings)
+                if old is not None and old.settings == rule and old.crop == crop:
                     rules[name] = old
                     continue
-                rules[name] = _Rule(name, rule, next_at=now if rule.every_s is not None else None)
+                rules[name] = _Rule(name, rule, crop, next_at=now if rule.every_s is not None else None)
             removed = [name for name in self._rules if name not in rules]
+            unpictured = [name for name, old in self._rules.items()
+                          if old.settings.snapshot and (name in removed or not rules[name].settings.snapshot)]
             self._rules = rules
+        topics = self._topics()
         for name in removed:
-            self._publish(self._topics().watch(name), b"", True)  # clears the retained state
+            self._publish(topics.watch(name), b"", True)  # clears the retained state
+        for name in unpictured:
+            self._publish(topics.watch_snapshot(name), b"", True)
         log.info("watch.configured", rules=sorted(rules), removed=removed)
         self._wake.set()
 
@@ -128,13 +169,15 @@ class Watcher:
         return self._thread is None or self._thread.is_alive()
 
     # --- triggers ------------------------------------------------------------------------
-    def on_motion(self, camera: str, state: str) -> None:
-        """From a capture thread: motion turning ON triggers the camera's on_motion rules."""
+    def on_motion(self, camera: str, state: str, zone: str | None = None) -> None:
+        """From a capture thread: motion turning ON triggers the camera's on_motion rules, those
+        without a zone on the camera's motion, those on a zone on that zone's."""
         if state != "ON":
             return
         with self._lock:
             for rule in self._rules.values():
-                if rule.settings.on_motion and rule.settings.camera == camera:
+                s = rule.settings
+                if s.on_motion and s.camera == camera and s.zone == zone:
                     rule.triggered = True
         self._wake.set()
 
@@ -182,7 +225,7 @@ class Watcher:
 
     def _start_run(self, rule: _Rule, trigger: str) -> None:
         done = lambda payload, outcome: self._finished(rule, trigger, payload, outcome)  # noqa: E731
-        fields = rule_fields(rule.name, rule.settings)
+        fields = rule_fields(rule.name, rule.settings, rule.crop, with_frame=rule.settings.snapshot)
         log.info("watch.run", rule=rule.name, trigger=trigger, request_id=fields["id"])
         try:
             accepted = self._submit(fields, done, background=True, trusted=True, timeout_s=RUN_TIMEOUT_S)
@@ -198,6 +241,7 @@ class Watcher:
     # --- results -------------------------------------------------------------------------
     def _finished(self, rule: _Rule, trigger: str, payload: bytes, outcome: str) -> None:
         answer = json.loads(payload)
+        jpeg, picture = take_snapshot(answer)
         at = utc_now()
         with self._lock:
             rule.running = False
@@ -223,16 +267,36 @@ class Watcher:
         if not current:
             return
         topics = self._topics()
+        snapshot = self._publish_snapshot(rule, jpeg, picture, topics)
         state = {"rule": rule.name, "at": at, "trigger": trigger, "text": answer.get("text"), "changed": changed,
-                 "previous": previous, "frames": answer.get("frames", []), "timings": answer.get("timings")}
+                 "previous": previous, "frames": answer.get("frames", []), "timings": answer.get("timings"),
+                 "snapshot": snapshot}
         if "json" in answer:
             state["json"] = answer["json"]
         self._publish(topics.watch(rule.name), encode(state), True)
         if changed:
             key_name = "json" if "json" in answer else "text"
             self._publish(topics.events, encode({"rule": rule.name, "at": at, key_name: value,
-                                                 "previous": previous}), False)
+                                                 "previous": previous, "snapshot": snapshot}), False)
         log.info("watch.published", rule=rule.name, changed=changed)
+
+    def _publish_snapshot(self, rule: _Rule, jpeg: bytes | None, picture: dict[str, Any] | None,
+                          topics: Any) -> dict[str, Any] | None:
+        """The picture out, retained, within the rule's size; what the state says of it (None: none)."""
+        if jpeg is None or picture is None or not rule.settings.snapshot:
+            return None
+        limit = rule.settings.snapshot_max_bytes
+        if len(jpeg) > limit:
+            try:
+                jpeg = self._fit_jpeg(jpeg, limit) if self._fit_jpeg is not None else b""
+            except Exception as exc:  # noqa: BLE001 - no picture is better than no state
+                log.warning("watch.snapshot_failed", rule=rule.name, reason=str(exc))
+                jpeg = b""
+            if not jpeg or len(jpeg) > limit:
+                return None
+        topic = topics.watch_snapshot(rule.name)
+        self._publish(topic, jpeg, True, content_type=SNAPSHOT_TYPE)
+        return {**picture, "topic": topic, "bytes": len(jpeg)}
 
     # --- what the status shows -------------------------------------------------------------
     def info(self) -> dict[str, dict[str, Any]]:
@@ -241,6 +305,14 @@ class Watcher:
             return {name: {**rule.counts, "running": rule.running, "last_at": rule.last_at,
                            "last_error": rule.last_error, **_next_run(rule.next_at, now, wall)}
                     for name, rule in self._rules.items()}
+
+
+def _crop_of(rule: WatchRuleSettings, settings: Settings) -> Box | None:
+    """The box a cropping rule's runs cut: its zone's bounding box plus a margin."""
+    camera = settings.cameras.get(rule.camera)
+    if not rule.crop or rule.zone is None or camera is None or rule.zone not in camera.zones:
+        return None
+    return crop_box(camera.zones[rule.zone].polygon)
 
 
 def _next_run(next_at: float | None, now: float, wall: float) -> dict[str, Any]:
