@@ -122,6 +122,7 @@ class Watcher:
         self._clock = clock
         self._lock = threading.Lock()
         self._rules: dict[str, _Rule] = {}
+        self._moving: set[tuple[str, str | None]] = set()  # (camera, zone) heard ON, not OFF since
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -141,7 +142,10 @@ class Watcher:
                 if old is not None and old.settings == rule and old.crop == crop:
                     rules[name] = old
                     continue
-                rules[name] = _Rule(name, rule, crop, next_at=now if rule.every_s is not None else None)
+                rules[name] = _Rule(name, rule, crop, next_at=now if rule.every_s is not None else None,
+                                    # motion that began before the rule was taken (at start, the
+                                    # model loads meanwhile) would never trigger it while it lasts
+                                    triggered=rule.on_motion and (rule.camera, rule.zone) in self._moving)
             removed = [name for name in self._rules if name not in rules]
             unpictured = [name for name, old in self._rules.items()
                           if old.settings.snapshot and (name in removed or not rules[name].settings.snapshot)]
@@ -172,9 +176,11 @@ class Watcher:
     def on_motion(self, camera: str, state: str, zone: str | None = None) -> None:
         """From a capture thread: motion turning ON triggers the camera's on_motion rules, those
         without a zone on the camera's motion, those on a zone on that zone's."""
-        if state != "ON":
-            return
         with self._lock:
+            if state != "ON":
+                self._moving.discard((camera, zone))
+                return
+            self._moving.add((camera, zone))
             for rule in self._rules.values():
                 s = rule.settings
                 if s.on_motion and s.camera == camera and s.zone == zone:
