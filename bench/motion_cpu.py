@@ -2,6 +2,7 @@
 """What motion detection adds to one camera's CPU, on a live 640x480 15 fps stream.
 
     python bench/motion_cpu.py [--seconds 30] [--rounds 3] [--size 640x480] [--no-append]
+    python bench/motion_cpu.py --zones [--seconds 20] [--rounds 2]   # masks and zones
 
 The tests' live stream (tests/video.py: ffmpeg testsrc as MPEG-2 in MPEG-TS over loopback UDP;
 testsrc scrolls, so motion is ON throughout). One continuous Camera with no request, motion
@@ -11,6 +12,11 @@ costs a camera, in percent of one core. During the enabled runs every detect() a
 (`cap.retrieve()`, the BGR conversion a look needs) is timed, wall and thread CPU. Last, on the
 same stream: what a retrieve costs as BGR next to the raw luma plane (CAP_PROP_CONVERT_RGB off),
 the cheaper path to a grayscale frame.
+
+`--zones`: the same camera with motion on, as is, with a mask (a quarter of the frame), with 1 zone
+and with 4 zones (the four quarters), alternating for --rounds rounds: process CPU and detect() per
+call for each. testsrc moves everywhere, so every zone is reached at every look: the costly path
+(the moving regions are drawn and ANDed with each zone).
 
 Results are printed and appended, with the command and date, to bench/MOTION.md.
 """
@@ -62,8 +68,20 @@ class Timed:
         del self.wall_ms[calls:], self.cpu_ms[calls:]
 
 
-def camera_cpu(url: str, seconds: float, motion: bool) -> dict[str, Any]:
-    settings = CameraSettings(source=url, motion=MotionSettings(enabled=motion, fps=LOOK_FPS), **SETTINGS)
+QUARTERS = {"tl": [[0, 0], [0.5, 0], [0.5, 0.5], [0, 0.5]], "tr": [[0.5, 0], [1, 0], [1, 0.5], [0.5, 0.5]],
+            "bl": [[0, 0.5], [0.5, 0.5], [0.5, 1], [0, 1]], "br": [[0.5, 0.5], [1, 0.5], [1, 1], [0.5, 1]]}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "no mask, no zone": {},
+    "mask (1 polygon)": {"motion": {"mask": [QUARTERS["tl"]]}},
+    "1 zone": {"zones": {"tl": {"polygon": QUARTERS["tl"]}}},
+    "4 zones": {"zones": {name: {"polygon": polygon} for name, polygon in QUARTERS.items()}},
+}
+
+
+def camera_cpu(url: str, seconds: float, motion: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    extra = extra or {}
+    motion_settings = MotionSettings(enabled=motion, fps=LOOK_FPS, **extra.get("motion", {}))
+    settings = CameraSettings(source=url, motion=motion_settings, zones=extra.get("zones", {}), **SETTINGS)
     cam = Camera("bench", settings)
     looks, retrieves = len(DETECT.wall_ms), len(RETRIEVE.wall_ms)
     cam.start()
@@ -138,6 +156,35 @@ def record(text: str, append: bool) -> None:
         results.write_text(results.read_text() + "\n" + text)
 
 
+def zone_report(args: argparse.Namespace, runs: dict[str, list[tuple[dict[str, Any], list[float]]]]) -> str:
+    def ms(values: list[float]) -> str:
+        return f"{pct(values, 0.5):.2f} / {pct(values, 0.95):.2f}"
+
+    lines = [f"## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC: masks and zones", "",
+             f"`python bench/motion_cpu.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+             f"on {machine()}; stream: ffmpeg testsrc {args.size} {FPS} fps, MPEG-2 in MPEG-TS over "
+             f"loopback UDP; motion on (fps {LOOK_FPS:g}), every zone reached at every look.", "",
+             f"Process CPU over {args.seconds:g} s per run (percent of one core; median of {args.rounds}, "
+             f"runs alternating) and `MotionDetector.detect()` thread CPU per call:", "",
+             "| variant | process CPU % | runs | detect() calls | detect() CPU p50 / p95 ms |", "|---|---|---|---|---|"]
+    for name, results in runs.items():
+        cpu = [r["cpu"] for r, _ in results]
+        calls = [c for _, cs in results for c in cs]
+        lines.append(f"| {name} | {statistics.median(cpu):.2f} | {', '.join(f'{c:.2f}' for c in cpu)} "
+                     f"| {len(calls)} | {ms(calls)} |")
+    return "\n".join(lines) + "\n"
+
+
+def zone_variants(url: str, args: argparse.Namespace) -> dict[str, list[tuple[dict[str, Any], list[float]]]]:
+    runs: dict[str, list[tuple[dict[str, Any], list[float]]]] = {name: [] for name in VARIANTS}
+    for _ in range(args.rounds):
+        for name, extra in VARIANTS.items():
+            before = len(DETECT.cpu_ms)
+            result = camera_cpu(url, args.seconds, motion=True, extra=extra)
+            runs[name].append((result, DETECT.cpu_ms[before:]))
+    return runs
+
+
 DETECT = Timed(MotionDetector.detect)
 RETRIEVE = Timed(Camera._image)
 
@@ -148,6 +195,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="pairs of runs (off, on)")
     parser.add_argument("--size", default="640x480", help="the stream's frame size")
     parser.add_argument("--no-append", action="store_true", help="print only; leave bench/MOTION.md")
+    parser.add_argument("--zones", action="store_true", help="compare no mask/zone, a mask, 1 and 4 zones")
     args = parser.parse_args()
     log.configure("warning", "console", sys.stderr)
     MotionDetector.detect = lambda detector, image: DETECT(detector, image)  # type: ignore[method-assign]
@@ -155,6 +203,9 @@ def main() -> None:
     stream = UdpStream(size=args.size, fps=FPS)
     stream.start()
     try:
+        if args.zones:
+            record(zone_report(args, zone_variants(stream.url, args)), append=not args.no_append)
+            return
         rounds = [(camera_cpu(stream.url, args.seconds, motion=False),
                    camera_cpu(stream.url, args.seconds, motion=True)) for _ in range(args.rounds)]
         paths = retrieve_paths(stream.url)

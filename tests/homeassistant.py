@@ -173,11 +173,12 @@ class HomeAssistant:
         self.extra_config = extra_config
         self.dir = Path(tempfile.mkdtemp(prefix="hass-"))
         self.log_path = self.dir / "test-output.log"
+        self.http_port = free_port()  # its web server: entity pictures (/api/image_proxy/...)
         self.proc: subprocess.Popen[bytes] | None = None
         self._write_config()
 
     def _write_config(self) -> None:
-        (self.dir / "configuration.yaml").write_text(CONFIGURATION.format(http_port=free_port())
+        (self.dir / "configuration.yaml").write_text(CONFIGURATION.format(http_port=self.http_port)
                                                       + self.extra_config)
         storage = self.dir / ".storage"
         storage.mkdir()

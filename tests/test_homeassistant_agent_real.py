@@ -1,5 +1,5 @@
 """Both real ends: the agent as a process (tiny vision model, a still file camera with motion
-detection, two watch rules) and a real Home Assistant 2025.1.4 (tests/homeassistant.py), on the
+detection and a zone, two watch rules with their snapshots) and a real Home Assistant 2025.1.4 (tests/homeassistant.py), on the
 session's mosquitto. HA registers what the agent announces, shows its states, sends the prompt
 typed into its text entity, removes a rule dropped from the settings file, gets the device again
 from the agent after its own restart, and marks everything unavailable when the agent dies.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 from typing import Any, Iterator
 
 import pytest
@@ -29,8 +30,11 @@ RULES = {"door": {"camera": "yard", "prompt": "Is the door open?", "every_s": 60
          "scene": {"camera": "yard", "prompt": "Describe the yard.", "every_s": 60, "max_tokens": 6}}
 DOOR, SCENE = f"binary_sensor.{NODE}_watch_door", f"sensor.{NODE}_watch_scene"
 PROMPT, ANSWER = f"text.{NODE}_prompt", f"sensor.{NODE}_answer"
+ZONE = f"binary_sensor.{NODE}_motion_yard_zone_gate"
+DOOR_IMAGE, SCENE_IMAGE = f"image.{NODE}_watch_door_snapshot", f"image.{NODE}_watch_scene_snapshot"
 ENTITIES = [f"binary_sensor.{NODE}_status", f"sensor.{NODE}_tokens_per_s", f"sensor.{NODE}_queue_depth",
-            f"binary_sensor.{NODE}_motion_yard", DOOR, SCENE, PROMPT, ANSWER]
+            f"binary_sensor.{NODE}_motion_yard", ZONE, DOOR, DOOR_IMAGE, SCENE, SCENE_IMAGE, PROMPT, ANSWER]
+GONE = (SCENE, SCENE_IMAGE)  # the rule the fourth test removes
 PROMPT_TOPIC = "test/set_prompt"
 
 
@@ -53,7 +57,9 @@ def started(ha: HomeAssistant, broker: Broker,
     still = make_still_clip(folder / "still.avi", seconds=2, size="320x240")
     agent = AgentProcess(folder, broker.port, build_model("tiny-vision"), device_id=DEVICE,
                          reload_debounce_s=0.2, images__longest_side=336, mqtt__keepalive=5,
-                         homeassistant={"enabled": True}, cameras={"yard": file_camera(still, motion=True)},
+                         homeassistant={"enabled": True},
+                         cameras={"yard": {**file_camera(still, motion=True),
+                                           "zones": {"gate": {"polygon": [[0, 0], [0.5, 0], [0.5, 0.5]]}}}},
                          watch=RULES)
     since, watcher = ha.mark(), Client(broker.port)
     try:
@@ -108,6 +114,29 @@ def test_the_agents_states_show_in_home_assistant(
     shown(ha, SCENE, scene["text"][:255].strip(), since)
 
 
+def test_the_zone_sensor_and_the_rules_image_entity_serve_what_the_agent_published(
+        ha: HomeAssistant, broker: Broker, started: tuple[AgentProcess, int]) -> None:
+    agent, since = started
+    ha.wait_state(ZONE, "off", since=since)
+    reader = Client(broker.port)
+    try:
+        topic = f"{agent.prefix}/{DEVICE}/watch/door/snapshot"
+        reader.subscribe(topic)
+        jpeg = first(reader, topic, 30)[1]
+    finally:
+        reader.close()
+    assert jpeg[:3] == b"\xff\xd8\xff"
+    # The image entity's state is the time it got a picture; its entity_picture carries the token
+    # HA's image proxy wants (no login needed).
+    line = ha.wait_for(rf"state_changed\[L\]: entity_id={re.escape(DOOR_IMAGE)}, .*new_state=<state "
+                       rf"{re.escape(DOOR_IMAGE)}=(?!unavailable|unknown)", since=since)[0]
+    picture = re.search(r"entity_picture=(/api/image_proxy/[^,;> ]+)", line)
+    assert picture, line
+    with urllib.request.urlopen(f"http://127.0.0.1:{ha.http_port}{picture[1]}", timeout=10) as reply:
+        assert reply.headers["Content-Type"] == "image/jpeg"
+        assert reply.read() == jpeg
+
+
 def test_a_prompt_typed_into_home_assistant_is_answered_on_its_sensor(
         ha: HomeAssistant, broker: Broker, started: tuple[AgentProcess, int]) -> None:
     agent, since = started
@@ -130,9 +159,10 @@ def test_a_removed_rule_goes_and_a_restarted_home_assistant_gets_the_device_from
     agent, _ = started
     since = ha.mark()
     agent.rewrite(watch={"door": RULES["door"]})
-    ha.wait_for(re.escape(f"Removing component: {SCENE}") + "$", since=since)
-    ha.wait_for(re.escape(f"entity_registry_updated[L]: action=remove, entity_id={SCENE}>"), since=since)
-    assert len(ha.lines("Removing component: ", since)) == 1
+    for entity in GONE:
+        ha.wait_for(re.escape(f"Removing component: {entity}") + "$", since=since)
+        ha.wait_for(re.escape(f"entity_registry_updated[L]: action=remove, entity_id={entity}>"), since=since)
+    assert len(ha.lines("Removing component: ", since)) == len(GONE)
     ha.stop()
     # No retained document left: only the agent, answering HA's birth, can bring the device back.
     cleaner = Client(broker.port)
@@ -140,7 +170,7 @@ def test_a_removed_rule_goes_and_a_restarted_home_assistant_gets_the_device_from
     cleaner.close()
     births = agent.count_events("homeassistant.birth")
     ha.start()  # a new log: marks start from 0 again
-    live = [entity for entity in ENTITIES if entity != SCENE]
+    live = [entity for entity in ENTITIES if entity not in GONE]
     for entity in live:  # restored from HA's registry as unavailable, then live again
         ha.wait_for(rf"state_changed\[L\]: entity_id={re.escape(entity)}, .*new_state=<state "
                     rf"{re.escape(entity)}=(?!unavailable)")
@@ -156,6 +186,6 @@ def test_a_killed_agent_goes_unavailable_by_its_last_will(
     since = ha.mark()
     agent.proc.kill()  # no goodbye: the broker sends the will once keepalive (5 s) runs out
     for entity in ENTITIES:
-        if entity != SCENE:
+        if entity not in GONE:
             ha.wait_state(entity, "unavailable", since=since, timeout=20)
     assert retained(broker, agent.status_topic)["state"] == "offline"

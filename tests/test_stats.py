@@ -45,9 +45,10 @@ def test_process_meter_and_document() -> None:
     now[0] += 12.5
     doc = stats.document(device_id="box1", queue_depth=2, busy_rejected=1,
                          cameras={"front": {"state": "streaming", "fps": 15.0, "last_frame_age_ms": 40,
-                                            "frames": 9, "error": None, "motion": "OFF"}})
+                                            "frames": 9, "error": None, "motion": "OFF", "zones": {"gate": "ON"}}})
     assert doc["uptime_s"] == 12.5 and doc["device_id"] == "box1"
-    assert doc["cameras"] == {"front": {"state": "streaming", "fps": 15.0, "last_frame_age_ms": 40, "motion": "OFF"}}
+    assert doc["cameras"] == {"front": {"state": "streaming", "fps": 15.0, "last_frame_age_ms": 40, "motion": "OFF",
+                                        "zones": {"gate": "ON"}}}
     assert doc["latency_ms"]["p50"] is None and doc["tokens_per_s"] is None
     if not Path("/proc/driver/nvidia").exists():
         assert "gpu_memory_bytes" not in doc

@@ -68,7 +68,8 @@ def test_a_still_scene_publishes_once_and_always_publishes_every_run(
     assert state["rule"] == "door" and state["changed"] is True and state["previous"] is None
     assert state["frames"][0]["camera"] == "yard" and state["timings"]["total_ms"] > 0
     assert [e for e in events if e["rule"] == "door"] == [
-        {"rule": "door", "at": state["at"], "json": state["json"], "previous": None}]
+        {"rule": "door", "at": state["at"], "json": state["json"], "previous": None, "snapshot": state["snapshot"]}]
+    assert state["snapshot"]["id"].startswith("watch-door-") and "jpeg_base64" not in state["frames"][0]
     # always: every run publishes; after the first, nothing changed
     assert len(scene) >= 4 and counts["scene"]["failed"] == 0
     assert all(s["changed"] is False and s["previous"] == scene[0]["text"] for s in scene[1:]), scene

@@ -108,3 +108,14 @@ def make_motion_clip(path: Path, still_s: float = 3, moving_s: float = 3, size: 
              f":color=white:t=fill[box];[scene][box]overlay=x='-w+(W+w)*(t-{still_s})/{moving_s}'"
              f":y=(H-h)/2:enable='gte(t,{still_s})'")
     return _write_scene(path, still_s + moving_s, size, fps, graph, ("-f", "lavfi", "-i", box))
+
+
+def make_corner_clip(path: Path, seconds: float = 4, size: str = "320x240", fps: int = 15) -> Path:
+    """The still scene with a box (black with a white centre, an eighth of the height) that keeps
+    moving inside the top-left quarter, and nothing else ever changing: motion in one region only."""
+    side = int(size.split("x")[1]) // 8
+    box = f"color=c=black:size={side}x{side}:rate={fps}"
+    graph = (f"[0:v]{FROZEN}[scene];[1:v]drawbox=x={side // 4}:y={side // 4}:w={side // 2}:h={side // 2}"
+             f":color=white:t=fill[box];[scene][box]overlay=x='(W/2-w)*(0.5+0.5*sin(3*t))'"
+             f":y='(H/2-h)*(0.5+0.5*cos(2*t))'")
+    return _write_scene(path, seconds, size, fps, graph, ("-f", "lavfi", "-i", box))

@@ -54,19 +54,21 @@ class RuleEntity:
     name: str
     boolean_key: str | None = None
     value_key: str | None = None
+    snapshot: bool = False  # also an `image` entity showing the rule's snapshot
 
 
-def rule_entity(name: str, change_key: tuple[str, ...], response_format: dict[str, Any] | None) -> RuleEntity:
+def rule_entity(name: str, change_key: tuple[str, ...], response_format: dict[str, Any] | None,
+                snapshot: bool = False) -> RuleEntity:
     """One field that decides the change is what HA should show; a boolean one (per the rule's
     json_schema) is an on/off sensor."""
     if len(change_key) != 1:
-        return RuleEntity(name)
+        return RuleEntity(name, snapshot=snapshot)
     key = change_key[0]
     kind = _schema_type(response_format, key)
     # ["boolean", "null"] is a nullable boolean: HA shows null as unknown.
     if kind == "boolean" or (isinstance(kind, list) and "boolean" in kind and set(kind) <= {"boolean", "null"}):
-        return RuleEntity(name, boolean_key=key)
-    return RuleEntity(name, value_key=key)
+        return RuleEntity(name, boolean_key=key, snapshot=snapshot)
+    return RuleEntity(name, value_key=key, snapshot=snapshot)
 
 
 def _schema_type(response_format: dict[str, Any] | None, key: str) -> Any:
@@ -82,7 +84,7 @@ def _schema_type(response_format: dict[str, Any] | None, key: str) -> Any:
 
 def discovery_payload(topics: Topics, *, device_id: str, version: str, model: str,
                       cameras_with_motion: Iterable[str], rules: Iterable[RuleEntity],
-                      previous: Mapping[str, str] = {}, origin_url: str | None = None,
+                      zones: Iterable[tuple[str, str]] = (), previous: Mapping[str, str] = {}, origin_url: str | None = None,
                       ) -> dict[str, Any]:  # noqa: B006 (previous is only read)
     """The device-discovery document. `previous`: component id -> platform as announced last
     time (`components()` of that payload); ids gone since are sent as `{"p": platform}`, which
@@ -107,7 +109,15 @@ def discovery_payload(topics: Topics, *, device_id: str, version: str, model: st
     for camera in cameras_with_motion:
         add(f"motion_{_safe(camera)}", {"p": "binary_sensor", "name": f"{_words(camera)} motion",
                                         "stat_t": topics.motion(camera), "dev_cla": "motion"})
+    for camera, zone in zones:
+        add(f"motion_{_safe(camera)}_zone_{_safe(zone)}",
+            {"p": "binary_sensor", "name": f"{_words(camera)} {_words(zone)} motion",
+             "stat_t": topics.zone_motion(camera, zone), "dev_cla": "motion"})
     for rule in rules:
+        if rule.snapshot:  # raw JPEG bytes on the topic: HA's image platform takes them as they are
+            add(f"watch_{_safe(rule.name)}_snapshot", {"p": "image", "name": f"{_words(rule.name)} snapshot",
+                                                        "img_t": topics.watch_snapshot(rule.name),
+                                                        "cont_type": "image/jpeg"})
         config = _rule_component(topics, rule)
         # A rule may change platform (its change_key or schema changed). HA knows a component
         # by (platform, id), so the id carries the platform: then the old one can be removed.

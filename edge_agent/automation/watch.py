@@ -5,6 +5,11 @@ A rule run is background work that enters through the intake like any request (t
 the same engine), in the background lane: it waits behind every request and never makes one
 `busy`. A rule whose previous run is still going is skipped, counted. Runs are greedy (no
 sampling field is sent), so unchanged frames give unchanged answers.
+
+A rule on a zone runs on that zone's motion, and with `crop` the model sees the zone's box cut
+from the full-resolution frame. When a rule publishes, the JPEG the model saw goes out retained on
+its snapshot topic (raw bytes, bounded by `snapshot_max_bytes`), and its id and time are in the
+state and the event.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from edge_agent.protocol import encode
 from edge_agent.protocol.history import HistoryEvent
 from edge_agent.settings.model import Settings
 from edge_agent.settings.watch import WatchRuleSettings
+from edge_agent.settings.zones import Box, crop_box
 
 log = get_logger("watch")
 TICK_S = 0.1  # how often schedules and motion triggers are looked at
@@ -32,15 +38,21 @@ _NOTHING = object()  # no value published yet
 
 # submit(fields, on_done, background=..., trusted=..., timeout_s=...) -> accepted
 Submit = Callable[..., bool]
-Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain)
-Record = Callable[[HistoryEvent, "bytes | None"], None]  # a published state and its JPEG, for the history
+Publish = Callable[..., None]  # (topic, payload, retain, content_type=None)
+SNAPSHOT_TYPE = "image/jpeg"
+FitJpeg = Callable[[bytes, int], bytes]  # (jpeg, max_bytes) -> a JPEG that fits (cameras/images.py)
+Record = Callable[[HistoryEvent, "bytes | None"], None]  # a published state and its snapshot, for the history
 
 
-def rule_fields(name: str, rule: WatchRuleSettings) -> dict[str, Any]:
-    """The request a rule run makes (also what `edge-agent watch run` sends)."""
-    # include_frame: the JPEG the model saw comes back, for the history's snapshot
-    fields: dict[str, Any] = {"id": f"watch-{name}-{uuid.uuid4().hex[:12]}", "camera": rule.camera,
-                              "include_frame": True}
+def rule_fields(name: str, rule: WatchRuleSettings, crop: Box | None = None,
+                with_frame: bool = False) -> dict[str, Any]:
+    """The request a rule run makes (also what `edge-agent watch run` sends, without the trusted
+    `crop` and the frame). `with_frame`: the answer carries the JPEG the model saw (the snapshot)."""
+    fields: dict[str, Any] = {"id": f"watch-{name}-{uuid.uuid4().hex[:12]}", "camera": rule.camera}
+    if crop is not None:
+        fields["crop"] = list(crop)
+    if with_frame:
+        fields["include_frame"] = True
     if rule.template is not None:
         fields["template"] = rule.template
         if rule.vars:
@@ -56,23 +68,26 @@ def rule_fields(name: str, rule: WatchRuleSettings) -> dict[str, Any]:
     return fields
 
 
+def take_snapshot(answer: dict[str, Any]) -> tuple[bytes | None, dict[str, Any] | None]:
+    """Takes the frames' JPEGs out of a run's answer (they never go into the published state) and
+    returns the first one, the picture the model saw, with its id (the run's request id) and time
+    (the frame's capture); (None, None) when the answer has none."""
+    jpeg, info = None, None
+    for frame in answer.get("frames") or []:
+        text = frame.pop("jpeg_base64", None)
+        if text is None or jpeg is not None:
+            continue
+        try:
+            jpeg = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        info = {"id": answer.get("id"), "at": frame.get("captured_at")}
+    return jpeg, info
+
+
 def answer_value(answer: Mapping[str, Any]) -> Any:
     """What a run's answer says: its JSON value when it has one, else its text."""
     return answer["json"] if "json" in answer else answer.get("text")
-
-
-def take_snapshot(answer: dict[str, Any]) -> bytes | None:
-    """Pops every frame's `jpeg_base64` out of a run's answer (never in the published state);
-    returns the last frame's JPEG (the newest the model saw), None when there is none."""
-    jpeg = None
-    for frame in answer.get("frames") or []:
-        encoded = frame.pop("jpeg_base64", None) if isinstance(frame, dict) else None
-        if encoded:
-            try:
-                jpeg = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                log.warning("watch.snapshot_unreadable")
-    return jpeg
 
 
 def change_value(value: Any, change_key: tuple[str, ...]) -> Any:
@@ -86,6 +101,7 @@ def change_value(value: Any, change_key: tuple[str, ...]) -> Any:
 class _Rule:
     name: str
     settings: WatchRuleSettings
+    crop: Box | None = None  # the zone's box, when the rule crops
     next_at: float | None = None  # the schedule's next run (monotonic)
     started_at: float | None = None  # the last run's start (cooldown counts from it)
     running: bool = False
@@ -100,14 +116,17 @@ class _Rule:
 
 class Watcher:
     def __init__(self, submit: Submit, publish: Publish, topics: Callable[[], Any],
-                 clock: Callable[[], float] = time.monotonic, record: Record | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, fit_jpeg: FitJpeg | None = None,
+                 record: Record | None = None) -> None:
         self._submit = submit
+        self._fit_jpeg = fit_jpeg  # None: a snapshot over its size is not published
         self._publish = publish
         self._record = record  # every published state goes to the history (never waits)
         self._topics = topics  # the current Topics (a reload may change the prefix)
         self._clock = clock
         self._lock = threading.Lock()
         self._rules: dict[str, _Rule] = {}
+        self._moving: set[tuple[str, str | None]] = set()  # (camera, zone) heard ON, not OFF since
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -123,14 +142,23 @@ class Watcher:
                 old = self._rules.get(name)
                 if not rule.enabled:
                     continue
-                if old is not None and old.settings == rule:
+                crop = _crop_of(rule, settings)
+                if old is not None and old.settings == rule and old.crop == crop:
                     rules[name] = old
                     continue
-                rules[name] = _Rule(name, rule, next_at=now if rule.every_s is not None else None)
+                rules[name] = _Rule(name, rule, crop, next_at=now if rule.every_s is not None else None,
+                                    # motion that began before the rule was taken (at start, the
+                                    # model loads meanwhile) would never trigger it while it lasts
+                                    triggered=rule.on_motion and (rule.camera, rule.zone) in self._moving)
             removed = [name for name in self._rules if name not in rules]
+            unpictured = [name for name, old in self._rules.items()
+                          if old.settings.snapshot and (name in removed or not rules[name].settings.snapshot)]
             self._rules = rules
+        topics = self._topics()
         for name in removed:
-            self._publish(self._topics().watch(name), b"", True)  # clears the retained state
+            self._publish(topics.watch(name), b"", True)  # clears the retained state
+        for name in unpictured:
+            self._publish(topics.watch_snapshot(name), b"", True)
         log.info("watch.configured", rules=sorted(rules), removed=removed)
         self._wake.set()
 
@@ -149,13 +177,17 @@ class Watcher:
         return self._thread is None or self._thread.is_alive()
 
     # --- triggers ------------------------------------------------------------------------
-    def on_motion(self, camera: str, state: str) -> None:
-        """From a capture thread: motion turning ON triggers the camera's on_motion rules."""
-        if state != "ON":
-            return
+    def on_motion(self, camera: str, state: str, zone: str | None = None) -> None:
+        """From a capture thread: motion turning ON triggers the camera's on_motion rules, those
+        without a zone on the camera's motion, those on a zone on that zone's."""
         with self._lock:
+            if state != "ON":
+                self._moving.discard((camera, zone))
+                return
+            self._moving.add((camera, zone))
             for rule in self._rules.values():
-                if rule.settings.on_motion and rule.settings.camera == camera:
+                s = rule.settings
+                if s.on_motion and s.camera == camera and s.zone == zone:
                     rule.triggered = True
         self._wake.set()
 
@@ -203,7 +235,7 @@ class Watcher:
 
     def _start_run(self, rule: _Rule, trigger: str) -> None:
         done = lambda payload, outcome: self._finished(rule, trigger, payload, outcome)  # noqa: E731
-        fields = rule_fields(rule.name, rule.settings)
+        fields = rule_fields(rule.name, rule.settings, rule.crop, with_frame=rule.settings.snapshot)
         log.info("watch.run", rule=rule.name, trigger=trigger, request_id=fields["id"])
         try:
             accepted = self._submit(fields, done, background=True, trusted=True, timeout_s=RUN_TIMEOUT_S)
@@ -219,7 +251,7 @@ class Watcher:
     # --- results -------------------------------------------------------------------------
     def _finished(self, rule: _Rule, trigger: str, payload: bytes, outcome: str) -> None:
         answer = json.loads(payload)
-        jpeg = take_snapshot(answer)
+        jpeg, picture = take_snapshot(answer)
         wall = time.time()
         at = utc_iso(wall)
         with self._lock:
@@ -246,15 +278,17 @@ class Watcher:
         if not current:
             return
         topics = self._topics()
+        jpeg, snapshot = self._publish_snapshot(rule, jpeg, picture, topics)
         state = {"rule": rule.name, "at": at, "trigger": trigger, "text": answer.get("text"), "changed": changed,
-                 "previous": previous, "frames": answer.get("frames", []), "timings": answer.get("timings")}
+                 "previous": previous, "frames": answer.get("frames", []), "timings": answer.get("timings"),
+                 "snapshot": snapshot}
         if "json" in answer:
             state["json"] = answer["json"]
         self._publish(topics.watch(rule.name), encode(state), True)
         if changed:
             key_name = "json" if "json" in answer else "text"
             self._publish(topics.events, encode({"rule": rule.name, "at": at, key_name: value,
-                                                 "previous": previous}), False)
+                                                 "previous": previous, "snapshot": snapshot}), False)
         log.info("watch.published", rule=rule.name, changed=changed)
         self._keep(HistoryEvent(answer.get("id") or "", rule.name, rule.settings.camera, wall, trigger,
                                 answer.get("text"), answer.get("json"), "json" in answer, changed, jpeg is not None),
@@ -269,6 +303,25 @@ class Watcher:
         except Exception:  # noqa: BLE001 - the history never costs a rule its state
             log.exception("history.record_failed", rule=event.rule)
 
+    def _publish_snapshot(self, rule: _Rule, jpeg: bytes | None, picture: dict[str, Any] | None,
+                          topics: Any) -> tuple[bytes | None, dict[str, Any] | None]:
+        """The picture out, retained, within the rule's size: the bytes published (the history
+        keeps the same) and what the state says of them; (None, None): no snapshot."""
+        if jpeg is None or picture is None or not rule.settings.snapshot:
+            return None, None
+        limit = rule.settings.snapshot_max_bytes
+        if len(jpeg) > limit:
+            try:
+                jpeg = self._fit_jpeg(jpeg, limit) if self._fit_jpeg is not None else b""
+            except Exception as exc:  # noqa: BLE001 - no picture is better than no state
+                log.warning("watch.snapshot_failed", rule=rule.name, reason=str(exc))
+                jpeg = b""
+            if not jpeg or len(jpeg) > limit:
+                return None, None
+        topic = topics.watch_snapshot(rule.name)
+        self._publish(topic, jpeg, True, content_type=SNAPSHOT_TYPE)
+        return jpeg, {**picture, "topic": topic, "bytes": len(jpeg)}
+
     # --- what the status shows -------------------------------------------------------------
     def info(self) -> dict[str, dict[str, Any]]:
         now, wall = self._clock(), time.time()
@@ -276,6 +329,14 @@ class Watcher:
             return {name: {**rule.counts, "running": rule.running, "last_at": rule.last_at,
                            "last_error": rule.last_error, **_next_run(rule.next_at, now, wall)}
                     for name, rule in self._rules.items()}
+
+
+def _crop_of(rule: WatchRuleSettings, settings: Settings) -> Box | None:
+    """The box a cropping rule's runs cut: its zone's bounding box plus a margin."""
+    camera = settings.cameras.get(rule.camera)
+    if not rule.crop or rule.zone is None or camera is None or rule.zone not in camera.zones:
+        return None
+    return crop_box(camera.zones[rule.zone].polygon)
 
 
 def _next_run(next_at: float | None, now: float, wall: float) -> dict[str, Any]:

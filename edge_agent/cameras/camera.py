@@ -125,7 +125,7 @@ class Camera:
         self._stop, self._users, self._users_lock = threading.Event(), 0, threading.Lock()  # users: see _in_use
         self._thread: threading.Thread | None = None
         watching = settings.motion.enabled and settings.mode == "continuous"
-        self._motion = MotionWatch(name, settings.motion) if watching else None
+        self._motion = MotionWatch(name, settings.motion, zones=settings.zones) if watching else None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -194,7 +194,8 @@ class Camera:
         return None if self._motion is None else self._motion.state
 
     def set_motion_listener(self, listener: MotionListener | None) -> None:
-        """`listener(camera, "ON"|"OFF")` on each change, from the capture thread; it must be quick."""
+        """`listener(camera, "ON"|"OFF")` on each change, `listener(camera, state, zone=name)` on a
+        zone's, from the capture thread; it must be quick."""
         if self._motion is not None:
             self._motion.set_listener(listener)
 
@@ -233,7 +234,8 @@ class Camera:
                     "fps": round((len(recent) - 1) / span, 1) if span > 0 else 0.0,
                     "last_frame_age_ms": age, "frames": self._seq, "frames_dropped": self._dropped,
                     "reconnects": self._reconnects, "error": self._why(now) if state != "streaming" else None,
-                    "motion": self.motion_state}
+                    "motion": self.motion_state,
+                    "zones": {} if self._motion is None else self._motion.zone_states()}
 
     def _hung(self, now: float) -> bool:
         limit = self.settings.read_timeout_s + WATCHDOG_GRACE_S

@@ -50,7 +50,7 @@ class CameraSet:
         module = _validated(cameras)
         _announce_v4l2_timeouts(cameras)
         self._cameras: dict[str, Camera] = {name: module.Camera(name, cam) for name, cam in cameras.items()}
-        self._motion_listener: Callable[[str, str], None] | None = None
+        self._motion_listener: Callable[..., None] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -62,8 +62,9 @@ class CameraSet:
             raise BadRequest(f"unknown camera {name!r}")
         return camera
 
-    def set_motion_listener(self, listener: Callable[[str, str], None] | None) -> None:
-        """`listener(camera, "ON"|"OFF")` on every motion change of any camera, now and after a
+    def set_motion_listener(self, listener: Callable[..., None] | None) -> None:
+        """`listener(camera, "ON"|"OFF")` on every motion change of any camera (with `zone=name`
+        for a zone's), now and after a
         reconfigure; called from capture threads, so it must only enqueue. A camera tells "OFF"
         once it streams, and "OFF" when it stops or fails while ON."""
         self._motion_listener = listener

@@ -199,7 +199,41 @@ def encode_frame(image: np.ndarray, limits: ImageSettings) -> bytes:
         scale = limits.longest_side / longest
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, limits.jpeg_quality])
+    return _jpeg_bytes(image, limits.jpeg_quality)
+
+
+def crop_frame(image: np.ndarray, box: tuple[float, float, float, float]
+               ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The part of a frame inside `box` (x0, y0, x1, y1 relative), at least one pixel, and that
+    part in pixels (x, y, width, height). A view: cut before encoding, at full resolution."""
+    high, wide = image.shape[:2]
+    x0, x1 = min(wide - 1, int(box[0] * wide)), max(1, round(box[2] * wide))
+    y0, y1 = min(high - 1, int(box[1] * high)), max(1, round(box[3] * high))
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+    return image[y0:y1, x0:x1], (x0, y0, x1 - x0, y1 - y0)
+
+
+def fit_jpeg(jpeg: bytes, max_bytes: int) -> bytes:
+    """A JPEG of at most `max_bytes`: as it is when it fits, else re-encoded at lower quality,
+    then smaller (three quarters of the size a step). BadImage when even a tiny one does not fit."""
+    if len(jpeg) <= max_bytes:
+        return jpeg
+    image = _decode(jpeg)
+    for quality in (75, 60, 45):
+        out = _jpeg_bytes(image, quality)
+        if len(out) <= max_bytes:
+            return out
+    while min(image.shape[:2]) > 16:
+        image = cv2.resize(image, (max(1, image.shape[1] * 3 // 4), max(1, image.shape[0] * 3 // 4)),
+                           interpolation=cv2.INTER_AREA)
+        out = _jpeg_bytes(image, 45)
+        if len(out) <= max_bytes:
+            return out
+    raise BadImage(f"the image does not fit in {max_bytes} bytes as a JPEG")
+
+
+def _jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise BadImage("image could not be encoded as JPEG")
     return buf.tobytes()

@@ -5,7 +5,9 @@ detection and tells a listener of every change.
 The detector looks at a frame `frame_height` pixels high: contrast stretched (percentile bounds
 averaged over recent frames, so a single frame cannot swing them), blurred, subtracted from the
 running average; the pixels that differ by more than `threshold` are dilated into regions, and a
-region whose area is over `contour_area` is motion. When most of the picture changes at once (a
+region whose area is over `contour_area` is motion. Changed pixels under the camera's mask never
+count; a zone has motion when a moving region reaches into it (masks and zones are rasterised
+once per frame size). When most of the picture changes at once (a
 lamp, the IR switch at dusk) it is light, not motion: the detector recalibrates, blending frames
 in fast and reporting nothing until the scene is steady again. camera.py feeds it frames; this
 module imports cv2 only for image arithmetic.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import edge_agent.cameras.opencv_env  # noqa: F401 - OpenCV's process-wide settings before cv2 loads
 import cv2
@@ -23,11 +25,13 @@ import numpy as np
 
 from edge_agent.log import get_logger
 from edge_agent.settings.watch import MotionSettings
+from edge_agent.settings.zones import Polygon, ZoneSettings
 
 log = get_logger("motion")
 
 State = Literal["ON", "OFF"]
-MotionListener = Callable[[str, str], None]
+# listener(camera, state) for the camera; listener(camera, state, zone=name) for one of its zones
+MotionListener = Callable[..., None]
 
 CALIBRATING_ALPHA = 0.2  # blend fast while the background is unknown
 LIGHTING_SHARE = 0.8  # changed regions covering more of the picture than this: light, recalibrate
@@ -43,9 +47,13 @@ class MotionDetector:
     """`detect(image_bgr)` is True when the frame shows motion against the scene seen so far.
     The first frame (or one of another size) becomes the background and shows none."""
 
-    def __init__(self, settings: MotionSettings) -> None:
+    def __init__(self, settings: MotionSettings, zones: Mapping[str, ZoneSettings] | None = None) -> None:
         self.settings = settings
+        self.zones = {name: zone.polygon for name, zone in (zones or {}).items()}
+        self.moving_zones: frozenset[str] = frozenset()  # the zones the last detect() saw motion in
         self.calibrating = True
+        self._allowed: np.ndarray | None = None  # 255 outside the mask, at the size looked at
+        self._zone_rasters: dict[str, np.ndarray] = {}
         self._size: tuple[int, int] | None = None  # (width, height) looked at
         self._shape: tuple[int, ...] = ()  # of the frames that size was made for
         self._average: np.ndarray | None = None  # float32 background
@@ -54,10 +62,11 @@ class MotionDetector:
 
     def detect(self, image_bgr: np.ndarray) -> bool:
         gray = self._prepared(image_bgr)
+        self.moving_zones = frozenset()
         if self._average is None or self._average.shape != gray.shape:
             self._average, self._streak, self.calibrating = gray.astype(np.float32), 0, False
             return False
-        regions, changed = self._regions(gray)
+        regions, changed, moving = self._regions(gray)
         if changed > LIGHTING_SHARE:
             self.calibrating = True
         elif self.calibrating and changed < CALIBRATED_SHARE and regions <= CALIBRATED_REGIONS:
@@ -67,7 +76,10 @@ class MotionDetector:
             # A moving object is kept out of the background, or it would leave a ghost behind.
             alpha = CALIBRATING_ALPHA if self.calibrating else self.settings.frame_alpha
             cv2.accumulateWeighted(gray, self._average, alpha)
-        return bool(regions) and not self.calibrating
+        seen = bool(regions) and not self.calibrating
+        if seen and self._zone_rasters:
+            self.moving_zones = self._zones_reached(moving)
+        return seen
 
     def _prepared(self, image_bgr: np.ndarray) -> np.ndarray:
         """Small, gray, stretched and blurred. The BGR frame is shrunk first: converting the small
@@ -76,19 +88,48 @@ class MotionDetector:
             high, wide = image_bgr.shape[:2]
             height = min(self.settings.frame_height, high)
             self._size, self._shape = (max(1, round(wide * height / high)), height), image_bgr.shape
+            self._rasterise(self._size)
         assert self._size is not None
         small = cv2.resize(image_bgr, self._size, interpolation=cv2.INTER_NEAREST)
         gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
         return cv2.GaussianBlur(self._stretch(gray, restart=self.calibrating), BLUR, 1.0)
 
-    def _regions(self, gray: np.ndarray) -> tuple[int, float]:
-        """(regions over contour_area, share of the picture inside changed regions)."""
+    def _rasterise(self, size: tuple[int, int]) -> None:
+        """Mask and zones at the size looked at, once per size: per look they cost one AND each."""
+        self._allowed = None
+        if self.settings.mask:
+            self._allowed = cv2.bitwise_not(_raster(self.settings.mask, size))
+        self._zone_rasters = {name: _raster((polygon,), size) for name, polygon in self.zones.items()}
+
+    def _regions(self, gray: np.ndarray) -> tuple[int, float, list[Any]]:
+        """(regions over contour_area, share of the picture inside changed regions, those regions)."""
         assert self._average is not None
         delta = cv2.absdiff(gray, cv2.convertScaleAbs(self._average))
         _, mask = cv2.threshold(delta, self.settings.threshold, 255, cv2.THRESH_BINARY)
+        if self._allowed is not None:
+            mask = cv2.bitwise_and(mask, self._allowed)
         contours, _ = cv2.findContours(cv2.dilate(mask, None), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         areas = [cv2.contourArea(c) for c in contours]
-        return sum(a > self.settings.contour_area for a in areas), sum(areas) / gray.size
+        moving = [c for c, a in zip(contours, areas) if a > self.settings.contour_area]
+        return len(moving), sum(areas) / gray.size, moving
+
+    def _zones_reached(self, moving: list[Any]) -> frozenset[str]:
+        """The zones that a moving region overlaps (drawn filled at the size looked at)."""
+        assert self._size is not None
+        drawn = np.zeros((self._size[1], self._size[0]), np.uint8)
+        cv2.drawContours(drawn, moving, -1, 255, cv2.FILLED)
+        return frozenset(name for name, zone in self._zone_rasters.items()
+                         if cv2.countNonZero(cv2.bitwise_and(drawn, zone)))
+
+
+def _raster(polygons: tuple[Polygon, ...], size: tuple[int, int]) -> np.ndarray:
+    """255 inside the polygons (relative coordinates), 0 elsewhere, at `size` (width, height)."""
+    wide, high = size
+    out = np.zeros((high, wide), np.uint8)
+    points = [np.array([[round(x * (wide - 1)), round(y * (high - 1))] for x, y in polygon], np.int32)
+              for polygon in polygons]
+    cv2.fillPoly(out, points, 255)
+    return out
 
 
 class ContrastStretch:
@@ -151,31 +192,35 @@ class MotionTracker:
 
 
 class MotionWatch:
-    """One camera's motion: paces looks at `fps`, tracks the state, tells the listener.
+    """One camera's motion and its zones': paces looks at `fps`, tracks the states, tells the listener.
 
     Looks run on the capture thread; `clear` runs on whichever thread stops the camera. Changes are
     told under one lock and `look` re-checks that its run is current inside it, so an OFF told at a
     stop is never followed by an ON from the stopped run's last frame."""
 
-    def __init__(self, camera: str, settings: MotionSettings,
-                 detector: MotionDetector | None = None) -> None:
+    def __init__(self, camera: str, settings: MotionSettings, detector: MotionDetector | None = None,
+                 zones: Mapping[str, ZoneSettings] | None = None) -> None:
         self.camera, self.settings = camera, settings
-        self.detector = detector or MotionDetector(settings)
+        self.detector = detector or MotionDetector(settings, zones)
         self.tracker = MotionTracker(settings.off_delay_s)
+        self.zones = {name: MotionTracker(settings.off_delay_s) for name in (zones or {})}
         self._period = 1.0 / settings.fps
         self._due = 0.0
         self._lock = threading.Lock()
         self._listener: MotionListener | None = None
-        self._told: State | None = None  # what the listener last heard
+        self._told: dict[str | None, State] = {}  # what the listener last heard, per zone (None: camera)
 
     @property
     def state(self) -> State:
         return self.tracker.state
 
+    def zone_states(self) -> dict[str, State]:
+        return {name: tracker.state for name, tracker in self.zones.items()}
+
     def set_listener(self, listener: MotionListener | None) -> None:
-        """A new listener hears the current state at the next look (then every change)."""
+        """A new listener hears the current states at the next look (then every change)."""
         with self._lock:
-            self._listener, self._told = listener, None
+            self._listener, self._told = listener, {}
 
     def due(self, now: float) -> bool:
         """Whether the frame grabbed at `now` should be looked at; at most `fps` a second."""
@@ -188,26 +233,38 @@ class MotionWatch:
     def look(self, image_bgr: np.ndarray, now: float, current: Callable[[], bool]) -> None:
         """Detect on one frame; `current()` says whether the capture run is still the camera's."""
         motion = self.detector.detect(image_bgr)
+        moving = self.detector.moving_zones
         with self._lock:
             if not current():
                 return
             if self.tracker.update(motion, now):
                 log.info("motion.on" if motion else "motion.off", camera=self.camera)
+            for name, tracker in self.zones.items():
+                if tracker.update(name in moving, now):
+                    log.info("motion.zone_on" if name in moving else "motion.zone_off", camera=self.camera, zone=name)
             self._tell()
 
     def clear(self, why: str) -> None:
-        """The camera stopped or failed (`why`): OFF, told if it was ON."""
+        """The camera stopped or failed (`why`): OFF, told for what was ON."""
         with self._lock:
-            if self.tracker.clear():
+            changed = [tracker.clear() for tracker in (self.tracker, *self.zones.values())]
+            if any(changed):
                 log.info("motion.off", camera=self.camera, why=why)
                 self._tell()
 
     def _tell(self) -> None:
-        state = self.tracker.state
-        if self._listener is None or state == self._told:
+        """The camera's state first: a zone turning ON never comes before its camera does."""
+        if self._listener is None:
             return
-        self._told = state
-        try:
-            self._listener(self.camera, state)
-        except Exception:  # noqa: BLE001 - a listener's bug must not stop the capture thread
-            log.exception("motion.listener_error", camera=self.camera)
+        for zone, tracker in ((None, self.tracker), *self.zones.items()):
+            state = tracker.state
+            if self._told.get(zone) == state:
+                continue
+            self._told[zone] = state
+            try:
+                if zone is None:
+                    self._listener(self.camera, state)
+                else:
+                    self._listener(self.camera, state, zone=zone)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop the capture thread
+                log.exception("motion.listener_error", camera=self.camera, zone=zone)

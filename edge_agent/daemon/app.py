@@ -71,7 +71,7 @@ class Agent:
         self.reports = Reports(self.current, self.status, self.stats, self.cameras.info, self.work_info,
                                self.live_status)
         self.watcher = Watcher(self.intake.submit_fields, self._publish_retained, lambda: self.snapshot.topics,
-                               record=self._record)
+                               record=self._record, fit_jpeg=_fit_jpeg)
         self.home_assistant = HomeAssistantBridge(self.current, self.intake.submit_fields)
         self.intake.add_side_door(self.home_assistant.take_if_mine)
         self.cameras.set_motion_listener(self._on_motion)
@@ -198,6 +198,7 @@ class Agent:
             self._retire_overflow(old.overflow, new.shutdown_grace_s)
         if CAMERAS in parts:
             self.cameras.reconfigure(new.cameras)
+            self._clear_gone_zones(old.settings, new)
         if WATCH in parts or CAMERAS in parts:
             self.watcher.configure(new)
         if WATCH in parts or CAMERAS in parts or HOME_ASSISTANT in parts or MODEL in parts:
@@ -276,21 +277,32 @@ class Agent:
         return self.scheduler.progressing(settings.limits.max_timeout_s, now)
 
     # --- what comes and goes on the broker (network thread: never waits) ---------------------
-    def _publish_retained(self, topic: str, payload: bytes, retain: bool = True) -> None:
-        """Rule state, events, motion: paho queues them while the broker is away (QoS 1)."""
-        self.snapshot.link.publish(topic, payload, retain=retain)
+    def _publish_retained(self, topic: str, payload: bytes, retain: bool = True,
+                          content_type: str | None = None) -> None:
+        """Rule state, events, snapshots (`content_type` image/jpeg), motion: paho queues them
+        while the broker is away (QoS 1)."""
+        typed = {} if content_type is None else {"content_type": content_type}
+        self.snapshot.link.publish(topic, payload, retain=retain, **typed)
 
     def _record(self, event: HistoryEvent, jpeg: bytes | None) -> None:
         """A rule's published state into the history, unless [history] is off (a reload may say so)."""
         if self.snapshot.settings.history.enabled:
             self.history.record(event, jpeg)
 
-    def _on_motion(self, camera: str, state: str) -> None:
-        """From a capture thread: publish the retained state, let the rules know."""
+    def _on_motion(self, camera: str, state: str, zone: str | None = None) -> None:
+        """From a capture thread: publish the retained state (the camera's or a zone's), let the
+        rules know."""
         snapshot = self.snapshot
-        snapshot.link.publish(snapshot.topics.motion(camera), state.encode(), retain=True,
-                              content_type="text/plain; charset=utf-8")
-        self.watcher.on_motion(camera, state)
+        topic = snapshot.topics.motion(camera) if zone is None else snapshot.topics.zone_motion(camera, zone)
+        snapshot.link.publish(topic, state.encode(), retain=True, content_type="text/plain; charset=utf-8")
+        self.watcher.on_motion(camera, state, zone)
+
+    def _clear_gone_zones(self, old: Settings, new: Settings) -> None:
+        """A zone removed (or its camera's motion off) loses its retained motion state."""
+        def zones(settings: Settings) -> set[tuple[str, str]]:
+            return {(name, zone) for name, cam in settings.cameras.items() if cam.motion.enabled for zone in cam.zones}
+        for camera, zone in sorted(zones(old) - zones(new)):
+            self._publish_retained(self.snapshot.topics.zone_motion(camera, zone), b"")
 
     def _on_connected(self) -> None:
         self.reports.publish_status()
@@ -396,6 +408,13 @@ class Agent:
                 "remote": engine.info() if isinstance(engine, OpenAIServer) else None,
                 "overflow": snapshot.overflow.info() if snapshot.overflow is not None else None,
                 "memory": memory.summary(engine.reserved_bytes) if memory is not None else None}
+
+
+def _fit_jpeg(jpeg: bytes, max_bytes: int) -> bytes:
+    """A rule's snapshot within its size; OpenCV loads here, not with the daemon (frames did already)."""
+    from edge_agent.cameras.images import fit_jpeg
+
+    return fit_jpeg(jpeg, max_bytes)
 
 
 def _warm_up(engine: Any, settings: Settings) -> None:

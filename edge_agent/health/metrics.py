@@ -172,14 +172,17 @@ def _cameras(cameras: dict[str, dict[str, Any]]) -> Iterator[Metric]:
     reconnects = CounterMetricFamily(f"{PREFIX}_camera_reconnects", "Times the camera was opened again",
                                      labels=["camera"])
     motion = GaugeMetricFamily(f"{PREFIX}_camera_motion", "1 while the camera sees motion", labels=["camera"])
+    zones = GaugeMetricFamily(f"{PREFIX}_zone_motion", "1 while the zone sees motion", labels=["camera", "zone"])
     for name, info in cameras.items():
+        for zone, state in (info.get("zones") or {}).items():
+            zones.add_metric([name, zone], 1.0 if state == "ON" else 0.0)
         fps.add_metric([name], float(info.get("fps") or 0.0))
         if info.get("last_frame_age_ms") is not None:
             age.add_metric([name], info["last_frame_age_ms"] / 1000)
         reconnects.add_metric([name], float(info.get("reconnects") or 0))
         if info.get("motion") is not None:
             motion.add_metric([name], 1.0 if info["motion"] == "ON" else 0.0)
-    yield from (fps, age, reconnects, motion)
+    yield from (fps, age, reconnects, motion, zones)
 
 
 def _watch(rules: dict[str, dict[str, Any]]) -> Iterator[Metric]:

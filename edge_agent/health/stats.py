@@ -24,7 +24,7 @@ from edge_agent.log import get_logger
 log = get_logger("stats")
 WINDOW = 256  # recent answers the latency percentiles and the decode speed are taken over
 NVIDIA_SMI_TIMEOUT_S = 2.0
-CAMERA_FIELDS = ("state", "fps", "last_frame_age_ms", "motion")
+CAMERA_FIELDS = ("state", "fps", "last_frame_age_ms", "motion", "zones")
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:

@@ -23,6 +23,8 @@ REQUEST_FIELDS = frozenset({"id", "prompt", "messages", "system", "max_tokens", 
                             "template", "vars", "stream", "response_format", "history"})
 # A `history` request without a question is a query of the event history: no model runs.
 QUERY_FIELDS = frozenset({"id", "reply_to", "timeout_s", "history"})
+# Written only by the agent itself (a watch rule's run, `trusted`); from outside they are unknown.
+TRUSTED_FIELDS = frozenset({"crop"})
 FREE_TEXT_FIELDS = ("prompt", "messages", "system")  # refused when free prompts are not allowed
 MAX_FRAMES = 8
 MAX_INTERVAL_MS = 10_000
@@ -44,6 +46,7 @@ class RequestLimits:
     max_images: int = 4
     camera_names: frozenset[str] = frozenset()
     allow_free_prompts: bool = True
+    trusted: bool = False  # the request comes from the settings file: TRUSTED_FIELDS are taken
     templates: Mapping[str, PromptTemplate] = field(default_factory=dict)
 
 
@@ -63,6 +66,7 @@ class Request:
     interval_ms: int = 0
     images: tuple[str, ...] = ()  # base64 text, decoded and sanitized by the worker
     include_frame: bool = False
+    crop: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 relative: cut before encoding
     template: str | None = None  # the name of the template the messages were made from
     stream: bool = False  # publish the text in chunks as it is generated
     response_format: ResponseFormat | None = None  # constrained decoding; None: free text
@@ -230,7 +234,7 @@ def parse_request(payload: bytes, limits: RequestLimits) -> Request:
     try:
         obj = decode_json_object(payload, limits.max_payload_bytes)
         request_id = _read_id(obj)
-        unknown = sorted(set(obj) - REQUEST_FIELDS)
+        unknown = sorted(set(obj) - REQUEST_FIELDS - (TRUSTED_FIELDS if limits.trusted else frozenset()))
         if unknown:
             raise BadRequest("unknown field(s): " + ", ".join(repr(k[:64]) for k in unknown[:5]))
         checked_id = _check_id(obj)
@@ -313,8 +317,22 @@ def _vision_fields(obj: dict[str, Any], limits: RequestLimits) -> dict[str, Any]
     count = len(cameras) * (frames or 1) + len(images)
     if count > limits.max_images:
         raise TooLarge(f"request asks for {count} images; the limit is {limits.max_images}")
+    crop = _crop(obj["crop"]) if "crop" in obj else None
+    if crop is not None and len(cameras) != 1:
+        raise BadRequest("'crop' needs exactly one 'camera'")
     return {"cameras": cameras, "frames": frames or 1, "interval_ms": interval_ms or 0,
-            "images": images, "include_frame": include}
+            "images": images, "include_frame": include, "crop": crop}
+
+
+def _crop(value: Any) -> tuple[float, float, float, float]:
+    """[x0, y0, x1, y1], relative to the frame (0-1), x0 < x1 and y0 < y1."""
+    if not isinstance(value, list) or len(value) != 4 \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise BadRequest("'crop' must be [x0, y0, x1, y1] numbers")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise BadRequest("'crop' must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    return x0, y0, x1, y1
 
 
 def parse_cancel(payload: bytes, max_bytes: int) -> str:

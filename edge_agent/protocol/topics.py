@@ -74,6 +74,14 @@ class Topics:
         """Retained: `ON` or `OFF`."""
         return f"{self.base}/camera/{camera}/motion"
 
+    def zone_motion(self, camera: str, zone: str) -> str:
+        """Retained: `ON` or `OFF` for one zone of a camera."""
+        return f"{self.base}/camera/{camera}/zone/{zone}/motion"
+
+    def watch_snapshot(self, rule: str) -> str:
+        """Retained: the JPEG (raw bytes) the model saw at the rule's last published run."""
+        return f"{self.base}/watch/{rule}/snapshot"
+
     @property
     def ha_prompt(self) -> str:
         """Home Assistant's `text` entity publishes a prompt here (plain text)."""

@@ -20,6 +20,7 @@ from edge_agent.settings.base import StrictModel, check_names, check_segment
 from edge_agent.settings.remote import OverflowSettings, RemoteServerSettings
 from edge_agent.settings.watch import (HomeAssistantSettings, MotionSettings, WatchRuleSettings, checked_response_format,
                                        watch_problems)
+from edge_agent.settings.zones import ZoneSettings
 
 ENV_PREFIX = "EDGE_AGENT_"
 CROSS_TABLE_MARK = "across tables:\n"  # a model-level error: one problem per line, each named
@@ -117,6 +118,13 @@ class CameraSettings(StrictModel):
     reconnect_min_s: float = Field(0.5, gt=0, le=60, description="first reopen delay")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="reopen delay cap")
     motion: MotionSettings = Field(default_factory=MotionSettings, description="[cameras.<name>.motion]")
+    zones: dict[str, ZoneSettings] = Field(default_factory=dict, description="[cameras.<name>.zones.<zone>]: "
+                                           "motion tracked and published per zone (needs motion enabled)")
+
+    @field_validator("zones")
+    @classmethod
+    def _zone_names(cls, value: dict[str, ZoneSettings]) -> dict[str, ZoneSettings]:
+        return check_names(value, "zone")
 
 
 class ImageSettings(StrictModel):

@@ -14,6 +14,7 @@ from edge_agent.errors import AgentError
 from edge_agent.protocol.prompts import template_fields
 from edge_agent.protocol.structured import parse_response_format
 from edge_agent.settings.base import StrictModel, check_segment
+from edge_agent.settings.zones import Polygon, check_mask
 
 
 def checked_response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -38,6 +39,13 @@ class MotionSettings(StrictModel):
     frame_alpha: float = Field(0.01, gt=0, le=1, description="weight of each frame in the running average")
     fps: float = Field(5.0, gt=0, le=30, description="frames looked at per second (at most the camera's rate)")
     off_delay_s: float = Field(3.0, ge=0, le=3600, description="motion turns OFF after this long without any")
+    mask: tuple[Polygon, ...] = Field((), description="[[[x, y], ...], ...]: polygons (relative 0-1 "
+                                      "coordinates) where motion never counts: a tree, a clock, a road")
+
+    @field_validator("mask", mode="before")
+    @classmethod
+    def _polygons(cls, value: Any) -> tuple[Polygon, ...]:
+        return check_mask(value)
 
 
 class WatchRuleSettings(StrictModel):
@@ -53,6 +61,14 @@ class WatchRuleSettings(StrictModel):
     every_s: float | None = Field(None, ge=0.5, le=86400 * 7, description="run on this schedule")
     on_motion: bool = Field(False, description="run when the camera's motion turns ON "
                             "(needs [cameras.<camera>.motion] enabled = true)")
+    zone: str | None = Field(None, description="a [cameras.<camera>.zones.<zone>]: on_motion fires on "
+                             "that zone's motion only")
+    crop: bool = Field(False, description="with zone: the model sees the zone's bounding box (plus a "
+                       "margin) cut from the full-resolution frame instead of the whole frame")
+    snapshot: bool = Field(True, description="publish the JPEG the model saw, retained, on "
+                           "<prefix>/<device_id>/watch/<rule>/snapshot when the rule publishes")
+    snapshot_max_bytes: int = Field(200_000, ge=2_000, le=5_000_000, description="a larger snapshot "
+                                    "is re-encoded smaller (lower quality, then smaller size) until it fits")
     cooldown_s: float = Field(0.0, ge=0, le=86400, description="least time between two runs")
     publish: Literal["change", "always"] = Field("change", description="publish the state on every "
                                                  "run, or only when the value changed")
@@ -81,6 +97,8 @@ class WatchRuleSettings(StrictModel):
             raise ValueError("system comes from the template; give it there")
         if self.every_s is None and not self.on_motion:
             raise ValueError("give every_s, on_motion = true, or both")
+        if self.crop and self.zone is None:
+            raise ValueError("crop needs zone")
         if self.change_key and self.response_format is not None \
                 and self.response_format.get("type") not in ("json_object", "json_schema"):
             raise ValueError("change_key needs a JSON response_format (json_object or json_schema)")
@@ -104,6 +122,8 @@ def watch_problems(settings: Any) -> list[str]:
         if cam.motion.enabled and cam.mode != "continuous":
             problems.append(f"cameras.{name}.motion: motion detection needs mode = \"continuous\" "
                             f"(an on_demand camera grabs no frames between requests)")
+        if cam.zones and not cam.motion.enabled:
+            problems.append(f"cameras.{name}.zones: zones track motion; set [cameras.{name}.motion] enabled = true")
     for name, rule in settings.watch.items():
         where = f"watch.{name}"
         camera = settings.cameras.get(rule.camera)
@@ -113,6 +133,9 @@ def watch_problems(settings: Any) -> list[str]:
         elif rule.on_motion and not camera.motion.enabled:
             problems.append(f"{where}.on_motion: camera {rule.camera!r} has no motion detection; "
                             f"set [cameras.{rule.camera}.motion] enabled = true")
+        elif rule.zone is not None and rule.zone not in camera.zones:
+            known = ", ".join(sorted(camera.zones)) or "none configured"
+            problems.append(f"{where}.zone: camera {rule.camera!r} has no zone {rule.zone!r} ({known})")
         if rule.template is not None:
             problems.extend(_template_problems(where, rule, settings))
         cap = settings.model.max_new_tokens

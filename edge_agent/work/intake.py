@@ -236,7 +236,8 @@ class Intake:
         (free prompts allowed whatever `allow_free_prompts` says). False when the queue is full or
         the agent is stopping; a request that does not parse is answered through `on_done`."""
         snapshot, received = self._current(), time.monotonic()
-        limits = dataclasses.replace(snapshot.limits, allow_free_prompts=True) if trusted else snapshot.limits
+        limits = dataclasses.replace(snapshot.limits, allow_free_prompts=True, trusted=True) if trusted \
+            else snapshot.limits
         try:
             request = protocol.parse_request(encode(fields), limits)
         except RequestError as exc:
