@@ -329,7 +329,7 @@ class Core:
         return self._reserved + need <= self._cache_budget
 
     def _reusable_length(self, run: Run) -> int:
-        """Rounded up (prefix.BUCKET) where the budget has room for it, else as asked."""
+        """With headroom (prefix.bucketed) where the budget has room for it, else as asked."""
         rounded = bucketed(run.max_length, self._engine.context_length)
         spare = (self._cache_budget - self._reserved) if self._cache_budget is not None else None
         return rounded if spare is None or rounded * self._kv_bytes <= spare else run.max_length

@@ -28,7 +28,9 @@ from edge_agent.inference.types import GenerationParams
 MAX_KEPT = 4  # finished generators kept at most (each holds its cache; within the budget too)
 MIN_COMMON = 16  # shared tokens worth a rewind: below, a fresh generator costs about the same
 MIN_APPEND = 2  # tokens appended after a rewind at least (see above)
-BUCKET = 64  # reusable generators' max_length is rounded up to this: a longer prompt still fits
+# A reusable generator's max_length: what it needs plus HEADROOM, rounded up to BUCKET, so that
+# a slightly longer prompt (another question after the same system prompt) still fits in it.
+HEADROOM, BUCKET = 32, 64
 # A request the batching engine would take goes to its own generator instead when a kept cache
 # gives it this many prompt tokens: a long prefill saved (~1 s for 300 tokens of SmolLM2 on 2
 # cores) outweighs sharing the batch, while a short shared head (a chat template's default
@@ -42,8 +44,9 @@ def reusable(params: GenerationParams, ids: Any) -> bool:
 
 
 def bucketed(length: int, context_length: int | None) -> int:
-    """A reusable generator's max_length: `length` rounded up to BUCKET, within the context."""
-    rounded = -(-length // BUCKET) * BUCKET
+    """A reusable generator's max_length for `length` tokens: HEADROOM more, rounded up to
+    BUCKET, within the context."""
+    rounded = -(-(length + HEADROOM) // BUCKET) * BUCKET
     return min(rounded, context_length) if context_length else rounded
 
 
