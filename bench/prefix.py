@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))  # reuse the tests' broker, agent proces
 sys.path.insert(0, str(REPO / "bench"))
 
 from roundtrip import resolve_model  # noqa: E402
-from support import AgentProcess, Broker, Client, ask  # noqa: E402
+from support import Broker, answers_client, ask, running_agent  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Name three flowers.", "Why is the sky blue?",
              "What do bees do?", "Where does rain come from?", "How tall is a sunflower?",
@@ -50,15 +51,15 @@ def system_prompt(tokens: int) -> str:
 
 
 def mqtt_side(model: Path, system: str, tokens: int, runs: int, reuse: bool) -> list[dict[str, Any]]:
-    workdir = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
-    broker, client, agent = Broker(), None, None
-    try:
+    with ExitStack() as stack:  # closed in reverse: client, agent, work folder, broker
+        broker = Broker()
         broker.start()
-        client = Client(broker.port)
-        agent = AgentProcess(workdir, broker.port, model, inference__prefix_cache=reuse,
-                             model__max_new_tokens=max(tokens, 64))
-        agent.start(client)
-        client.subscribe(agent.response_topic)
+        stack.callback(broker.close)
+        workdir = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
+        stack.callback(shutil.rmtree, workdir, True)
+        agent = stack.enter_context(contextmanager(running_agent)(
+            workdir, broker.port, model, inference__prefix_cache=reuse, model__max_new_tokens=max(tokens, 64)))
+        client = stack.enter_context(contextmanager(answers_client)(broker.port, agent))
         results = []
         for n in range(runs + 1):
             answer = ask(client, agent, {"id": uuid.uuid4().hex, "system": system,
@@ -68,13 +69,6 @@ def mqtt_side(model: Path, system: str, tokens: int, runs: int, reuse: bool) -> 
             results.append({"ttft_ms": answer["timings"]["ttft_ms"], "total_ms": answer["timings"]["total_ms"],
                             **answer["usage"], "text": answer["text"]})
         return results
-    finally:
-        if agent is not None and agent.proc is not None:
-            agent.stop()
-        if client is not None:
-            client.close()
-        broker.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def raw_side(model: Path, system: str, runs: int) -> list[dict[str, Any]]:
