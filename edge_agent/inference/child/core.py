@@ -329,10 +329,11 @@ class Core:
         return self._reserved + need <= self._cache_budget
 
     def _reusable_length(self, run: Run) -> int:
-        """With headroom (prefix.bucketed) where the budget has room for it, else as asked."""
+        """With headroom (prefix.bucketed) where it takes at most half of the budget left: a
+        tight budget keeps its room for the next request (it would wait for it otherwise)."""
         rounded = bucketed(run.max_length, self._engine.context_length)
         spare = (self._cache_budget - self._reserved) if self._cache_budget is not None else None
-        return rounded if spare is None or rounded * self._kv_bytes <= spare else run.max_length
+        return rounded if spare is None or rounded * self._kv_bytes <= spare // 2 else run.max_length
 
     def _start_batch(self, run: Run) -> None:
         run.path = "batch"
