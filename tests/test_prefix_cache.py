@@ -16,7 +16,8 @@ from edge_agent.inference.child.core import Core
 from edge_agent.inference.child.engine import OrtGenaiEngine
 from edge_agent.inference.child.prefix import MIN_APPEND, MIN_COMMON, PrefixCache, bucketed
 from edge_agent.inference.types import GenerationParams, Generation, Guidance, Work
-from support import AgentProcess, Broker, Client, ask
+from support import AgentProcess, Broker, Client, ask, free_port
+from test_metrics import scrape, value
 
 SYSTEM = "You answer questions about plants, weather and cities briefly and politely. " * 8
 QUESTIONS = ["What is the capital of France?", "Name three flowers.", "Why is the sky blue?",
@@ -161,10 +162,15 @@ def test_the_answer_over_mqtt_says_cached_tokens(
         broker: Broker, client: Client, start_agent: Callable[..., AgentProcess]) -> None:
     request = {"system": SYSTEM[:200], "prompt": QUESTIONS[0], "max_tokens": TOKENS}
     answers: dict[str, list[dict[str, Any]]] = {}
+    port = free_port()
     for device, reuse in (("reuse", True), ("noreuse", False)):
-        agent = start_agent(broker, client, device_id=device, inference__prefix_cache=reuse)
+        agent = start_agent(broker, client, device_id=device, inference__prefix_cache=reuse,
+                            metrics__listen=f"127.0.0.1:{port}" if reuse else "")
         client.subscribe(agent.response_topic)
         answers[device] = [ask(client, agent, dict(request)) for _ in range(2)]  # each its own id
+        if reuse:  # counted for Prometheus too
+            cached = value(scrape(port), "edge_agent_cached_prompt_tokens_total")
+            assert cached == answers[device][1]["usage"]["cached_tokens"] > 0, cached
     (first, second), (plain, plain_again) = answers["reuse"], answers["noreuse"]
     assert all(doc["ok"] for doc in (first, second, plain, plain_again)), answers
     assert first["text"] == second["text"] == plain["text"] == plain_again["text"]
