@@ -14,7 +14,7 @@ import pytest
 
 from edge_agent.inference.child.core import Core
 from edge_agent.inference.child.engine import OrtGenaiEngine
-from edge_agent.inference.child.prefix import MIN_APPEND, MIN_COMMON, PrefixCache, bucketed
+from edge_agent.inference.child.prefix import MIN_APPEND, MIN_COMMON, PrefixCache, reusable_length
 from edge_agent.inference.types import GenerationParams, Generation, Guidance, Work
 from support import AgentProcess, Broker, Client, ask, free_port
 from test_metrics import scrape, value
@@ -145,17 +145,28 @@ def test_the_cache_keeps_a_few_picks_the_longest_prefix_and_leaves_room_to_appen
     assert cache.keep(short, 64, 10) == 0 and cache.keep(long, 64, 20) == 0
     ids = np.asarray(base[:35], dtype=np.int32)
     assert cache.best(ids, 65) is None  # neither is large enough
-    hit = cache.take(ids, 64)
-    assert hit is not None and hit.generator is long and hit.cached == 30 and hit.bytes == 20
+    hit, dropped = cache.take(ids, 64)
+    assert hit is not None and hit.generator is long and hit.cached == 30 and hit.bytes == 20 and dropped == 0
     assert long.calls == [("rewind_to", 30), ("append", base[30:35])]
     # the whole prompt is kept: still at least MIN_APPEND tokens are appended
     same = np.asarray(base[:20], dtype=np.int32)
-    assert cache.take(same, 20).cached == 20 - MIN_APPEND  # type: ignore[union-attr]
+    assert cache.take(same, 20)[0].cached == 20 - MIN_APPEND  # type: ignore[union-attr]
     assert cache.best(np.asarray(base[: MIN_COMMON - 1] + [1, 2, 3], dtype=np.int32), 1) is None  # too short a prefix
     for n in range(3):  # over the cap: the least recently kept goes, its bytes given back
         freed = cache.keep(Generator(base), 64, 5 + n)
     assert freed == 5 and len(cache) == 2 and cache.held_bytes == 6 + 7
-    assert bucketed(90, None) == 128 and bucketed(100, 4096) == 192 and bucketed(500, 512) == 512
+
+    class Refusing(Generator):
+        def rewind_to(self, n: int) -> None:
+            raise RuntimeError("rewind not supported")
+
+    refusing = PrefixCache()
+    refusing.keep(Refusing(base), 64, 9)
+    # the runtime refused: no hit, the cache is dropped and its bytes given back
+    assert refusing.take(np.asarray(base[:35], dtype=np.int32), 40) == (None, 9) and len(refusing) == 0
+    assert reusable_length(90, None) == 128 and reusable_length(100, 4096) == 192
+    assert reusable_length(500, 512) == 512  # within the context
+    assert reusable_length(100, 4096, 10, spare=3840) == 192 and reusable_length(100, 4096, 10, spare=3830) == 100
 
 
 def test_the_answer_over_mqtt_says_cached_tokens(

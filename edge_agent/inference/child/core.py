@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import onnxruntime_genai as og
 
 from edge_agent.errors import AgentError, Timeout, TooLarge
-from edge_agent.inference.child.prefix import PREFIX_OVER_BATCH, PrefixCache, bucketed, reusable
+from edge_agent.inference.child.prefix import PREFIX_OVER_BATCH, PrefixCache, reusable, reusable_length
 from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
                                         FINISH_STOP, Generation, GenerationParams, Work)
 from edge_agent.log import get_logger
@@ -121,7 +121,8 @@ class Core:
         self._cache_budget = cache_budget_bytes
         self._kv_bytes = kv_bytes_per_token
         self._reserved = 0  # bytes of the caches of the single runs and of those kept
-        self._prefix = PrefixCache() if prefix_cache else None
+        # rewind_to: onnxruntime-genai 0.6+
+        self._prefix = PrefixCache() if prefix_cache and hasattr(og.Generator, "rewind_to") else None
         self._reserved_said = 0
         self._waiting: list[Run] = []  # single runs waiting for their cache to fit, in order
         self._last_arrival = float("-inf")
@@ -274,12 +275,14 @@ class Core:
 
     def _open(self, run: Run) -> None:
         """Its generator (a kept one continued, or a new one), with its cache counted as held."""
-        hit = self._prefix.take(run.prompt.ids, run.max_length) if self._prefix_usable(run) else None
+        hit, dropped = self._prefix.take(run.prompt.ids, run.max_length) if self._prefix_usable(run) else (None, 0)
+        self._reserved -= dropped
         if hit is not None:  # its cache is counted already
             run.generator, run.cached, run.max_length, run.reserved = hit.generator, hit.cached, hit.max_length, hit.bytes
         else:
             if self._prefix_usable(run):  # sized to be continued by a slightly longer prompt too
-                run.max_length = self._reusable_length(run)
+                spare = None if self._cache_budget is None else self._cache_budget - self._reserved
+                run.max_length = reusable_length(run.max_length, self._engine.context_length, self._kv_bytes, spare)
             run.reserved = run.max_length * self._kv_bytes
             self._reserved += run.reserved
             try:
@@ -327,13 +330,6 @@ class Core:
         while self._reserved + need > self._cache_budget and self._prefix is not None and len(self._prefix):
             self._reserved -= self._prefix.evict()
         return self._reserved + need <= self._cache_budget
-
-    def _reusable_length(self, run: Run) -> int:
-        """With headroom (prefix.bucketed) where it takes at most half of the budget left: a
-        tight budget keeps its room for the next request (it would wait for it otherwise)."""
-        rounded = bucketed(run.max_length, self._engine.context_length)
-        spare = (self._cache_budget - self._reserved) if self._cache_budget is not None else None
-        return rounded if spare is None or rounded * self._kv_bytes <= spare // 2 else run.max_length
 
     def _start_batch(self, run: Run) -> None:
         run.path = "batch"

@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 
 from edge_agent.inference.types import GenerationParams
+from edge_agent.log import get_logger
+
+log = get_logger("inference")
 
 MAX_KEPT = 4  # finished generators kept at most (each holds its cache; within the budget too)
 MIN_COMMON = 16  # shared tokens worth a rewind: below, a fresh generator costs about the same
@@ -43,11 +46,13 @@ def reusable(params: GenerationParams, ids: Any) -> bool:
     return ids is not None and not params.sampling and params.guidance is None
 
 
-def bucketed(length: int, context_length: int | None) -> int:
+def reusable_length(length: int, context_length: int | None, kv_bytes: int = 0, spare: int | None = None) -> int:
     """A reusable generator's max_length for `length` tokens: HEADROOM more, rounded up to
-    BUCKET, within the context."""
+    BUCKET, within the context, where that takes at most half of the cache budget left
+    (`spare`; None: no budget): a tight budget keeps its room for the next request."""
     rounded = -(-(length + HEADROOM) // BUCKET) * BUCKET
-    return min(rounded, context_length) if context_length else rounded
+    rounded = min(rounded, context_length) if context_length else rounded
+    return rounded if spare is None or rounded * kv_bytes <= spare // 2 else length
 
 
 @dataclass
@@ -93,16 +98,21 @@ class PrefixCache:
                 found = (key, common)
         return found
 
-    def take(self, ids: Any, length_needed: int) -> Hit | None:
-        """The best kept generator, rewound and fed the rest of `ids`; it is no longer kept."""
+    def take(self, ids: Any, length_needed: int) -> tuple[Hit | None, int]:
+        """The best kept generator, rewound and fed the rest of `ids`; it is no longer kept.
+        With it, the bytes of one the runtime refused to rewind (dropped: a fresh one is made)."""
         found = self.best(ids, length_needed)
         if found is None:
-            return None
+            return None, 0
         key, common = found
         kept = self._kept.pop(key)
-        kept.generator.rewind_to(common)
-        kept.generator.append_tokens(ids[common:])
-        return Hit(kept.generator, common, kept.max_length, kept.bytes)
+        try:
+            kept.generator.rewind_to(common)
+            kept.generator.append_tokens(ids[common:])
+        except Exception as exc:  # noqa: BLE001 - ORT GenAI raises plain RuntimeError; reuse is only a saving
+            log.warning("inference.prefix_refused", error=str(exc)[:200], common=common)
+            return None, kept.bytes
+        return Hit(kept.generator, common, kept.max_length, kept.bytes), 0
 
     def keep(self, generator: Any, max_length: int, held: int) -> int:
         """Keep a finished generator; returns the bytes of those evicted for the cap."""
