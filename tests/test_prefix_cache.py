@@ -14,7 +14,8 @@ import pytest
 
 from edge_agent.inference.child.core import Core
 from edge_agent.inference.child.engine import OrtGenaiEngine
-from edge_agent.inference.child.prefix import MIN_APPEND, MIN_COMMON, PrefixCache, reusable_length
+from edge_agent.inference.child.prefix import (MIN_APPEND, MIN_COMMON, PREFIX_OVER_BATCH, PrefixCache,
+                                               reusable_length)
 from edge_agent.inference.types import GenerationParams, Generation, Guidance, Work
 from support import AgentProcess, Broker, Client, ask, free_port
 from test_metrics import scrape, value
@@ -106,6 +107,28 @@ def run_to_end(core: Core, rid: int, w: Work, steps: int = 500) -> tuple[Generat
                 return value, held
         events = core.step()
     raise AssertionError(f"request {rid} not done after {steps} steps: held {held}")
+
+
+@pytest.mark.slow
+def test_a_long_prefix_hit_leaves_the_batch_and_every_answer_is_as_alone(smollm2_model: Path) -> None:
+    engine = OrtGenaiEngine(smollm2_model, "cpu")  # batching on: static groups on CPU
+    engine.load()
+    assert engine.batching.mode == "static", engine.batching
+    system = SYSTEM * 3  # over PREFIX_OVER_BATCH shared tokens
+    core = Core(engine, prefix_cache=True, kv_bytes_per_token=1)
+    core.run_one(work(QUESTIONS[0], system=system))  # alone on an idle engine: its own generator, kept
+    events = [e for rid in (1, 2) for e in core.submit(rid, work(QUESTIONS[rid], system=system))]
+    done: dict[int, Generation] = {}
+    for _ in range(500):
+        done.update({rid: value for kind, rid, value in events if kind == "done"})
+        if len(done) == 2:
+            break
+        events = core.step()
+    assert done[1].path == "single" and done[1].cached_tokens >= PREFIX_OVER_BATCH, done[1]
+    assert done[2].path == "batch" and done[2].cached_tokens == 0, done[2]  # the kept one was taken
+    plain = Core(engine, prefix_cache=False)
+    for rid in (1, 2):
+        assert done[rid].text == plain.run_one(work(QUESTIONS[rid], system=system)).text
 
 
 def test_kept_caches_give_way_to_a_request_that_fits_the_budget(tiny: OrtGenaiEngine) -> None:
