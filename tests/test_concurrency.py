@@ -71,7 +71,9 @@ def test_concurrent_requests_are_answered_as_alone(
     for n in range(8):
         doc = many[f"many-{n}"]
         assert doc["ok"] and doc["text"] == alone[n]["text"], (doc, alone[n])
-        assert doc["usage"] == alone[n]["usage"]
+        # cached_tokens depends on which caches were kept then (prefix reuse): not compared
+        assert doc["usage"]["prompt_tokens"] == alone[n]["usage"]["prompt_tokens"]
+        assert doc["usage"]["completion_tokens"] == alone[n]["usage"]["completion_tokens"]
         assert doc["timings"]["ttft_ms"] > 0 and doc["timings"]["total_ms"] >= doc["timings"]["ttft_ms"]
     assert len({doc["timings"]["total_ms"] for doc in many.values()}) > 1  # each its own
     paths = [line["path"] for line in agent.log_lines() if line.get("event") == "request.done"]

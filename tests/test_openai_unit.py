@@ -11,8 +11,8 @@ import pytest
 
 from edge_agent.errors import BadRequest, Unavailable, Unsupported
 from edge_agent.inference.types import GenerationParams, Guidance, Work
-from edge_agent.inference.openai_client import (Breaker, chat_messages, read_api_key, request_body, shown_url,
-                                       status_error)
+from edge_agent.inference.openai_client import (Breaker, cached_tokens, chat_messages, read_api_key, request_body,
+                                                shown_url, status_error)
 from edge_agent.work.overflow import Overflow
 from edge_agent.protocol import Request
 from edge_agent.settings.remote import OverflowSettings, RemoteServerSettings
@@ -121,3 +121,12 @@ def test_overflow_keeps_images_and_templates_local_as_configured() -> None:
                                          allow_templates=False)
     assert overflow.refusal(camera, "busy") is None
     assert "allow_templates" in str(overflow.refusal(templated, "busy"))
+
+
+def test_cached_tokens_are_read_from_the_servers_usage_where_present() -> None:
+    # OpenAI and llama.cpp: usage.prompt_tokens_details.cached_tokens
+    assert cached_tokens({"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 32}}) == 32
+    assert cached_tokens({"prompt_tokens": 40}) == 0
+    for odd in (None, "32", -1, True, [32]):
+        assert cached_tokens({"prompt_tokens_details": {"cached_tokens": odd}}) == 0, odd
+    assert cached_tokens({"prompt_tokens_details": "32"}) == 0

@@ -335,7 +335,8 @@ class Agent:
     def _generated(self, done: Generation, queue_s: float) -> None:
         self.stats.requests.decoded(done.tokens_per_s)
         self.metrics.generated(queue_s, None if done.ttft_ms is None else done.ttft_ms / 1000,
-                               done.generate_ms / 1000, done.prompt_tokens, done.completion_tokens)
+                               done.generate_ms / 1000, done.prompt_tokens, done.completion_tokens,
+                               done.cached_tokens)
 
     def _new_metrics_listener(self, settings: Settings) -> MetricsListener | None:
         if not settings.metrics.listen:

@@ -36,7 +36,8 @@ def make_engine(settings: Settings) -> LocalInference | OpenAIServer:
                            log_level=settings.log_level, log_format=settings.log_format,
                            longest_s=settings.limits.max_timeout_s, batching=inference.batching,
                            batch_wait_s=inference.batch_wait_ms / 1000,
-                           batch_max_length=inference.batch_max_length, memory=memory_plan(settings, folder))
+                           batch_max_length=inference.batch_max_length, memory=memory_plan(settings, folder),
+                           prefix_cache=inference.prefix_cache)
     if is_catalog_name(str(model.path)):
         engine.name = str(model.path)  # answers say "phi-3.5-mini-instruct", not the variant folder
     return engine

@@ -70,6 +70,8 @@ class Metrics:
         self._tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds", "Decode time per token after the first",
                                buckets=TPOT_BUCKETS, registry=r)
         self._prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of generations", registry=r)
+        self._cached_tokens = Counter(f"{PREFIX}_cached_prompt_tokens", "Prompt tokens continued from a kept "
+                                      "cache instead of computed again (prefix reuse)", registry=r)
         self._generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", registry=r)
         self._build = _build_labels()
 
@@ -80,13 +82,14 @@ class Metrics:
             self._duration.observe(duration_s)
 
     def generated(self, queue_s: float, ttft_s: float | None, generate_s: float,
-                  prompt_tokens: int, completion_tokens: int) -> None:
+                  prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> None:
         self._queue.observe(max(0.0, queue_s))
         if ttft_s is not None and completion_tokens > 0:
             self._ttft.observe(ttft_s)
             if completion_tokens > 1:
                 self._tpot.observe(max(0.0, generate_s - ttft_s) / (completion_tokens - 1))
         self._prompt_tokens.inc(prompt_tokens)
+        self._cached_tokens.inc(cached_tokens)
         self._generated_tokens.inc(completion_tokens)
 
     # --- read at scrape time ---------------------------------------------------------------

@@ -274,7 +274,8 @@ class RemoteRequest:
         return Generation(text="".join(self._text), finish_reason=finish,
                           prompt_tokens=int(self._usage.get("prompt_tokens") or 0),
                           completion_tokens=int(self._usage.get("completion_tokens") or len(self._text)),
-                          ttft_ms=self._ttft, generate_ms=(time.monotonic() - self._started) * 1000,
+                          cached_tokens=cached_tokens(self._usage), ttft_ms=self._ttft,
+                          generate_ms=(time.monotonic() - self._started) * 1000,
                           path="remote", model=self._model if isinstance(self._model, str) else None)
 
     def _timeout(self, started: float) -> httpx.Timeout:
@@ -282,6 +283,13 @@ class RemoteRequest:
         if self._work.deadline is not None:
             limit = max(0.001, min(limit, self._work.deadline - started))
         return httpx.Timeout(limit, connect=min(limit, self._server.settings.connect_timeout_s))
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """OpenAI's (and llama.cpp's) usage.prompt_tokens_details.cached_tokens; 0 where absent or odd."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached >= 0 else 0
 
 
 def _json_object(data: str, what: str) -> dict[str, Any]:

@@ -53,7 +53,8 @@ class LocalInference:
                  log_format: str = "auto", longest_s: float | None = None,
                  stuck_grace_s: float = STUCK_GRACE_S, batching: bool = True,
                  batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
-                 batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH, memory: MemoryPlan | None = None) -> None:
+                 batch_max_length: int = DEFAULT_BATCH_MAX_LENGTH, memory: MemoryPlan | None = None,
+                 prefix_cache: bool = True) -> None:
         self.folder = folder
         self.memory = memory  # the plan this model was loaded under (None: no budget)
         self.reserved_bytes = 0  # requests' caches held in the child now (its "memory" events)
@@ -67,7 +68,7 @@ class LocalInference:
         self._spec = LoadSpec(str(folder), provider, tuple(fallback), dict(provider_options or {}),
                               log_level, log_format, batching, batch_wait_s, batch_max_length,
                               memory.cache_budget_bytes if memory else None,
-                              memory.kv_bytes_per_token if memory else 0)
+                              memory.kv_bytes_per_token if memory else 0, prefix_cache)
         self.name = folder.name
         self.supports_images = takes_images(read_genai_config(folder))  # fails early on a bad folder
         self.context_length: int | None = None

@@ -67,6 +67,7 @@ class Generation:
     generate_ms: float
     path: str = "single"  # "single" (its own generator), "batch" (shared with others), "remote"
     model: str | None = None  # the model as a remote server names it (None: the local model)
+    cached_tokens: int = 0  # prompt tokens taken from a cache instead of being computed again
 
     @property
     def tokens_per_s(self) -> float:
@@ -93,6 +94,7 @@ class LoadSpec:
     # a request starts generating only when its cache fits (None: no budget).
     cache_budget_bytes: int | None = None
     kv_bytes_per_token: int = 0
+    prefix_cache: bool = True  # keep finished generators' caches to continue a shared prompt prefix
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,16 @@ def encode(payload: dict[str, Any]) -> bytes:
 def answer_payload(request_id: str, *, text: str, finish_reason: str, model: str, provider: str,
                    prompt_tokens: int, completion_tokens: int, queue_ms: float, ttft_ms: float | None,
                    total_ms: float, tokens_per_s: float, frames: list[dict[str, Any]] | None = None,
-                   extra: Mapping[str, Any] | None = None) -> bytes:
-    """`extra`: "json" (a structured answer's value), "done" (the end of a stream)."""
+                   extra: Mapping[str, Any] | None = None, cached_tokens: int = 0) -> bytes:
+    """`extra`: "json" (a structured answer's value), "done" (the end of a stream).
+    `cached_tokens`: prompt tokens continued from a kept cache (OpenAI's
+    prompt_tokens_details.cached_tokens)."""
     extra = {**(extra or {}), **({"frames": frames} if frames is not None else {})}
     return encode({
         "id": request_id, "ok": True, "text": text, "finish_reason": finish_reason,
         "model": model, "provider": provider,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "cached_tokens": cached_tokens},
         "timings": {"queue_ms": round(queue_ms, 1),
                     "ttft_ms": None if ttft_ms is None else round(ttft_ms, 1),
                     "total_ms": round(total_ms, 1), "tokens_per_s": round(tokens_per_s, 1)},

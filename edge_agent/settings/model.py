@@ -172,6 +172,9 @@ class InferenceSettings(StrictModel):
                              "in MB; 0: the box's (cgroup limit or available memory at start, less a reserve)")
     batch_max_length: int = Field(1024, ge=64, le=131072, description="the batching engine's cache per "
                                   "request (prompt + answer tokens); longer requests run on their own generator")
+    prefix_cache: bool = Field(True, description="keep the caches of the last greedy requests (up to 4, "
+                               "within the memory budget) and continue a new prompt from the longest shared "
+                               "token prefix instead of computing it again (usage.cached_tokens); false: off")
 
 
 class StreamSettings(StrictModel):

@@ -100,12 +100,12 @@ class RequestHandler:
             self._on_generated(result, started - job.received_at)
         log.info("request.done", finish_reason=result.finish_reason, path=result.path,
                  prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                 ms=round((finished - job.received_at) * 1000, 1))
+                 cached_tokens=result.cached_tokens, ms=round((finished - job.received_at) * 1000, 1))
         return answer_payload(
             request.id, text=result.text, finish_reason=result.finish_reason,
             model=result.model or self._engine.name, provider=self._engine.provider,
             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-            queue_ms=(started - job.received_at) * 1000, ttft_ms=result.ttft_ms,
+            cached_tokens=result.cached_tokens, queue_ms=(started - job.received_at) * 1000, ttft_ms=result.ttft_ms,
             total_ms=(finished - job.received_at) * 1000, tokens_per_s=result.tokens_per_s,
             frames=frames, extra=self._extra(request, result),
         ), "ok"

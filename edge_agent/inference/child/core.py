@@ -10,6 +10,9 @@ Two paths, chosen per request (never changing what it asked for):
 A request on a generator of its own holds a cache of prompt + budget tokens: with a memory
 budget it starts only when that cache fits in what is left (requests wait in order, so none is
 passed for ever); one that could never fit fails at once (TooLarge).
+With prefix reuse (prefix.py), finished single generators are kept, their caches still counted
+as held, until a request continues one or needs their room (least recently used first); a
+request that shares a long prefix with one goes to the single path.
 Events out: ("token", rid, text), ("done", rid, Generation), ("failed", rid, AgentError|str),
 ("memory", 0, bytes of request caches held now).
 """
@@ -23,6 +26,7 @@ from typing import Any, Protocol
 import onnxruntime_genai as og
 
 from edge_agent.errors import AgentError, Timeout, TooLarge
+from edge_agent.inference.child.prefix import PREFIX_OVER_BATCH, PrefixCache, reusable, reusable_length
 from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
                                         FINISH_STOP, Generation, GenerationParams, Work)
 from edge_agent.log import get_logger
@@ -60,11 +64,12 @@ class Model(Protocol):
     og_engine: Any  # og.Engine when batching is on, else None
     batching: Batching
     eos_ids: frozenset[int]
+    context_length: int | None
 
     def prepare(self, work: Work) -> Prompt: ...
     def token_stream(self) -> Any: ...
     def fits_batch(self, work: Work, prompt: Prompt) -> bool: ...
-    def generator(self, prompt: Prompt, params: GenerationParams) -> Any: ...
+    def generator(self, prompt: Prompt, params: GenerationParams, max_length: int) -> Any: ...
     def batch_turn(self, prompt: Prompt, params: GenerationParams) -> tuple[Any, Any]: ...
 
 
@@ -83,6 +88,9 @@ class Run:
         self.request: Any = None  # batch path: og.Request and its turn
         self.turn: Any = None
         self.lone = False  # came to an idle engine after a quiet spell: waits for no company
+        self.max_length = prompt.length + prompt.budget  # single path: its generator's
+        self.reserved = 0  # single path: bytes of cache counted as held for it
+        self.cached = 0  # prompt tokens continued from a kept cache
 
     def take(self, token: int, eos_ids: frozenset[int]) -> str | None:
         """The text a new token adds; None once it is the end token."""
@@ -97,7 +105,7 @@ class Run:
 
     def result(self, finish: str) -> Generation:
         return Generation(text="".join(self.pieces), finish_reason=finish, prompt_tokens=self.prompt.length,
-                          completion_tokens=len(self.pieces), ttft_ms=self.ttft_ms,
+                          completion_tokens=len(self.pieces), cached_tokens=self.cached, ttft_ms=self.ttft_ms,
                           generate_ms=(time.monotonic() - self.received) * 1000, path=self.path)
 
     def expired(self, now: float) -> bool:
@@ -106,12 +114,15 @@ class Run:
 
 class Core:
     def __init__(self, engine: Model, wait_s: float = DEFAULT_BATCH_WAIT_S, *,
-                 cache_budget_bytes: int | None = None, kv_bytes_per_token: int = 0) -> None:
+                 cache_budget_bytes: int | None = None, kv_bytes_per_token: int = 0,
+                 prefix_cache: bool = False) -> None:
         self._engine = engine
         self._wait_s = wait_s
         self._cache_budget = cache_budget_bytes
         self._kv_bytes = kv_bytes_per_token
-        self._reserved = 0  # bytes of the caches of the single runs
+        self._reserved = 0  # bytes of the caches of the single runs and of those kept
+        # rewind_to: onnxruntime-genai 0.6+
+        self._prefix = PrefixCache() if prefix_cache and hasattr(og.Generator, "rewind_to") else None
         self._reserved_said = 0
         self._waiting: list[Run] = []  # single runs waiting for their cache to fit, in order
         self._last_arrival = float("-inf")
@@ -146,7 +157,7 @@ class Core:
         except AgentError as exc:
             return [("failed", rid, exc)]
         previous, self._last_arrival = self._last_arrival, received
-        if not self._engine.fits_batch(work, prompt):
+        if not self._engine.fits_batch(work, prompt) or self._prefix_hit(run) >= PREFIX_OVER_BATCH:
             return self._start(run, single=True)
         if mode == "dynamic":
             return self._start(run, single=not self.active)
@@ -206,7 +217,7 @@ class Core:
         """Generate one request to the end (warm-up, tools, tests): raises what it fails with."""
         events = self.submit(0, work)
         while not events:
-            events = [e for e in self.step() if e[0] != "token"]
+            events = [e for e in self.step() if e[0] in ("done", "failed")]
         kind, _, value = events[0]
         if kind == "failed":
             raise value
@@ -245,6 +256,8 @@ class Core:
         self._gathering.clear()
         self._waiting.clear()
         self._reserved = 0
+        if self._prefix is not None:
+            self._prefix.clear()
         return [("failed", run.rid, text) for run in runs]
 
     def _start_single(self, run: Run) -> None:
@@ -255,36 +268,68 @@ class Core:
                 tokens = run.prompt.length + run.prompt.budget
                 raise TooLarge(f"the request needs a cache of {tokens} tokens ({need / 2**20:.1f} MB); the memory "
                                f"budget leaves {self._cache_budget / 2**20:.1f} MB for caches (inference.memory_mb)")
-            if self._waiting or self._reserved + need > self._cache_budget:
+            if self._waiting or not self._room(run):
                 self._waiting.append(run)  # in order: none passes the one ahead
                 return
         self._open(run)
 
     def _open(self, run: Run) -> None:
-        """Its generator, with its cache counted as held."""
-        need = self._cache_bytes(run)
-        self._reserved += need
-        try:
-            run.generator = self._engine.generator(run.prompt, run.work.params)
-        except BaseException:
-            self._reserved -= need
-            raise
+        """Its generator (a kept one continued, or a new one), with its cache counted as held."""
+        hit, dropped = self._prefix.take(run.prompt.ids, run.max_length) if self._prefix_usable(run) else (None, 0)
+        self._reserved -= dropped
+        if hit is not None:  # its cache is counted already
+            run.generator, run.cached, run.max_length, run.reserved = hit.generator, hit.cached, hit.max_length, hit.bytes
+        else:
+            if self._prefix_usable(run):  # sized to be continued by a slightly longer prompt too
+                spare = None if self._cache_budget is None else self._cache_budget - self._reserved
+                run.max_length = reusable_length(run.max_length, self._engine.context_length, self._kv_bytes, spare)
+            run.reserved = run.max_length * self._kv_bytes
+            self._reserved += run.reserved
+            try:
+                run.generator = self._engine.generator(run.prompt, run.work.params, run.max_length)
+            except BaseException:
+                self._reserved -= run.reserved
+                raise
         self._single[run.rid] = run
-        log.debug("inference.started", rid=run.rid, running=len(self._single), reserved=self._reserved)
+        log.debug("inference.started", rid=run.rid, running=len(self._single), reserved=self._reserved,
+                  cached=run.cached)
 
     def _cache_bytes(self, run: Run) -> int:
         return (run.prompt.length + run.prompt.budget) * self._kv_bytes
 
-    def _release(self, run: Run) -> None:
+    def _release(self, run: Run, *, keep: bool = False) -> None:
+        """`keep`: it ended well; its cache stays held, for a later prompt to continue."""
+        if keep and self._prefix_usable(run):
+            self._reserved -= self._prefix.keep(run.generator, run.max_length, run.reserved)
+        else:
+            self._reserved = max(0, self._reserved - run.reserved)
         run.generator = None
-        self._reserved = max(0, self._reserved - self._cache_bytes(run))
 
     def _admit_waiting(self) -> list[Event]:
         """Start the waiting runs, in order, while the one ahead fits (only with a budget)."""
         events: list[Event] = []
-        while self._waiting and self._reserved + self._cache_bytes(self._waiting[0]) <= (self._cache_budget or 0):
+        while self._waiting and self._room(self._waiting[0]):
             events.extend(self._guarded(self._waiting.pop(0), self._open))
         return events
+
+    # --- prefix reuse (prefix.py) -------------------------------------------------------------
+    def _prefix_usable(self, run: Run) -> bool:
+        return self._prefix is not None and reusable(run.work.params, run.prompt.ids)
+
+    def _prefix_hit(self, run: Run) -> int:
+        """The prompt tokens a kept cache would give it (0: none)."""
+        found = self._prefix.best(run.prompt.ids, run.max_length) if self._prefix_usable(run) else None
+        return found[1] if found else 0
+
+    def _room(self, run: Run) -> bool:
+        """Whether its cache fits the budget now: a prefix hit takes no more; else kept caches
+        give way, least recently used first (they never make a request wait)."""
+        if self._cache_budget is None or self._prefix_hit(run):
+            return True
+        need = self._cache_bytes(run)
+        while self._reserved + need > self._cache_budget and self._prefix is not None and len(self._prefix):
+            self._reserved -= self._prefix.evict()
+        return self._reserved + need <= self._cache_budget
 
     def _start_batch(self, run: Run) -> None:
         run.path = "batch"
@@ -305,7 +350,7 @@ class Core:
 
     def _end_single(self, run: Run, finish: str) -> list[Event]:
         del self._single[run.rid]
-        self._release(run)
+        self._release(run, keep=True)
         return [("done", run.rid, run.result(finish))]
 
     def _step_batch(self) -> list[Event]:

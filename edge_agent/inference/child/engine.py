@@ -182,13 +182,13 @@ class OrtGenaiEngine:
         return self._tokenizer.create_stream()
 
     # --- generators ----------------------------------------------------------------------
-    def generator(self, prompt: Prompt, params: GenerationParams) -> Any:
-        """A generator of its own for one request, prompt already appended."""
+    def generator(self, prompt: Prompt, params: GenerationParams, max_length: int | None = None) -> Any:
+        """A generator of its own for one request, prompt already appended. `max_length` sizes
+        its KV buffer (default: what this request can use; the Core may ask more for reuse)."""
         search = og.GeneratorParams(self._model)
         options = params.search_options()
         options.setdefault("random_seed", GREEDY_SEED if not params.sampling else secrets.randbits(31))
-        # max_length sizes the KV buffer: keep it to what this request can use.
-        search.set_search_options(max_length=prompt.length + prompt.budget, **options)
+        search.set_search_options(max_length=max_length or prompt.length + prompt.budget, **options)
         if params.guidance is not None:
             set_guidance(search, params.guidance)
         with grammar_errors():  # the grammar is compiled here, not in set_guidance

@@ -75,7 +75,7 @@ def serve(conn: Connection) -> None:
                                     engine.context_length, engine.supports_images,
                                     b.mode, b.reason, b.group_size)))
     core = Core(engine, spec.batch_wait_s, cache_budget_bytes=spec.cache_budget_bytes,
-                kv_bytes_per_token=spec.kv_bytes_per_token)
+                kv_bytes_per_token=spec.kv_bytes_per_token, prefix_cache=spec.prefix_cache)
     inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
     threading.Thread(target=_read, args=(conn, inbox), name="child-reader", daemon=True).start()
     _loop(conn, core, inbox)
