@@ -250,7 +250,9 @@ def test_an_unknown_zone_stops_the_start_with_exit_78(tmp_path: Path, broker: Br
 
 def test_crop_is_refused_from_outside_callers(start_agent: Callable[..., AgentProcess], broker: Broker,
                                              client: Client, vision_model: Path, corner_clip: Path) -> None:
-    agent = start_agent(broker, client, model=vision_model, cameras={"yard": zone_camera(corner_clip)})
+    # With a template configured too: the limits once took the templates for the trusted flag.
+    agent = start_agent(broker, client, model=vision_model, cameras={"yard": zone_camera(corner_clip)},
+                        prompts={"templates": {"look": {"text": "What is in the {place}?"}}})
     client.subscribe(agent.response_topic)
     client.publish(agent.request_topic, json.dumps({"id": "c1", "prompt": "x", "camera": "yard",
                                                     "crop": [0, 0, 0.5, 0.5]}))

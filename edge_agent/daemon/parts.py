@@ -20,10 +20,11 @@ def request_limits(settings: Settings) -> RequestLimits:
     templates = {name: PromptTemplate(t.text, t.system, t.max_tokens,
                                       parse_response_format(t.response_format) if t.response_format else None)
                  for name, t in settings.prompts.templates.items()}
-    return RequestLimits(settings.limits.max_payload_bytes, settings.limits.max_prompt_chars,
-                         settings.model.max_new_tokens, settings.limits.max_timeout_s,
-                         settings.images.max_images, frozenset(settings.cameras),
-                         settings.prompts.allow_free_prompts, templates)
+    return RequestLimits(max_payload_bytes=settings.limits.max_payload_bytes,
+                         max_prompt_chars=settings.limits.max_prompt_chars,
+                         max_tokens_cap=settings.model.max_new_tokens, max_timeout_s=settings.limits.max_timeout_s,
+                         max_images=settings.images.max_images, camera_names=frozenset(settings.cameras),
+                         allow_free_prompts=settings.prompts.allow_free_prompts, templates=templates)
 
 
 def make_engine(settings: Settings) -> LocalInference | OpenAIServer:

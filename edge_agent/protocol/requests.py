@@ -37,7 +37,7 @@ MAX_SEED = 2**31 - 1
 # C0 controls other than tab, newline and carriage return, and DEL: never legitimate in text.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by name: a field added in the middle once shifted the rest
 class RequestLimits:
     max_payload_bytes: int
     max_prompt_chars: int
