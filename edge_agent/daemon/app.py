@@ -14,6 +14,7 @@ from edge_agent import log as logging_setup
 from edge_agent.automation.ha_bridge import HomeAssistantBridge, subscriptions as ha_subscriptions
 from edge_agent.automation.watch import Watcher
 from edge_agent.cameras.camera_set import CameraSet
+from edge_agent.daemon import views
 from edge_agent.daemon.parts import history_bounds, make_engine, open_store, request_limits
 from edge_agent.daemon.reload import (CAMERAS, HOME_ASSISTANT, LOGGING, METRICS, MODEL, MQTT, OVERFLOW, WATCH,
                                       changed_parts)
@@ -21,11 +22,10 @@ from edge_agent.delivery.history import History
 from edge_agent.delivery.outbox import Delivery
 from edge_agent.errors import Unavailable
 from edge_agent.health.listener import MetricsListener
-from edge_agent.health.metrics import Live, Metrics, RemoteServer
+from edge_agent.health.metrics import Live, Metrics
 from edge_agent.health.reports import Reports
 from edge_agent.health.status import StatusBoard
 from edge_agent.health.stats import Stats
-from edge_agent.inference.openai_client import OpenAIServer
 from edge_agent.inference.types import Generation
 from edge_agent.log import get_logger
 from edge_agent.mqtt import BrokerLink, Incoming
@@ -104,9 +104,9 @@ class Agent:
         engine = snapshot.handler.engine
         engine.load()
         self._set_status("starting", model=engine.name, provider=engine.provider,
-                         provider_reason=engine.provider_reason, **self._batching_status(snapshot))
+                         provider_reason=engine.provider_reason, **views.batching_status(snapshot))
         _warm_up(engine, snapshot.settings)
-        self.scheduler.set_workers(self._max_batch(snapshot))
+        self.scheduler.set_workers(views.max_batch(snapshot))
         self.scheduler.start()
         self.snapshot = dataclasses.replace(snapshot, loaded=True)
         self._take_requests()
@@ -189,11 +189,11 @@ class Agent:
             link.accept_requests(not self._stopping.is_set())
             log.info("mqtt.switched", old=link_host(old.settings), new=link_host(new))
         self.scheduler.resize(new.limits.queue_size)
-        self.scheduler.set_workers(self._max_batch(self.snapshot))
+        self.scheduler.set_workers(views.max_batch(self.snapshot))
         if engine is not old.handler.engine:
             self._retire_engine(old.handler.engine)
             self.status.set(self.status.state, model=engine.name, provider=engine.provider,
-                            provider_reason=engine.provider_reason, **self._batching_status(self.snapshot))
+                            provider_reason=engine.provider_reason, **views.batching_status(self.snapshot))
         if overflow is not old.overflow and old.overflow is not None:
             self._retire_overflow(old.overflow, new.shutdown_grace_s)
         if CAMERAS in parts:
@@ -349,35 +349,7 @@ class Agent:
         return state == "ready" and self.healthy() and self.snapshot.link.connected, state
 
     def _live_metrics(self) -> Live:
-        snapshot, scheduler = self.snapshot, self.scheduler
-        engine = snapshot.handler.engine
-        remote = [RemoteServer(server.role, server.outcomes(), server.breaker.state() == "open")
-                  for server in (engine if isinstance(engine, OpenAIServer) else None,
-                                 snapshot.overflow.server if snapshot.overflow is not None else None)
-                  if server is not None]
-        return Live(ready=self.status.state == "ready", broker_connected=snapshot.link.connected,
-                    queue_depth=scheduler.depth, requests_running=scheduler.running,
-                    outbox_messages=self.delivery.stats().get("outbox"), model=engine.name,
-                    provider=engine.provider, batching=str(getattr(engine, "batching", False)).lower(),
-                    inference_pid=getattr(engine, "pid", None), inference_restarts=engine.crashes,
-                    fleet_handed_back=self.intake.handed_back, cameras=self.cameras.info(),
-                    watch=self.watcher.info(), remote=remote, memory=getattr(engine, "memory", None),
-                    cache_reserved_bytes=getattr(engine, "reserved_bytes", 0))
-
-    @staticmethod
-    def _max_batch(snapshot: Snapshot) -> int:
-        """Requests generating at once: the setting, else 8 on CPU and 16 on an accelerator
-        (a remote server: openai.max_in_flight)."""
-        settings = snapshot.settings
-        configured = settings.inference.max_batch
-        if settings.model.backend == "openai":
-            return configured or settings.openai.max_in_flight
-        return configured or (8 if snapshot.handler.engine.provider in ("cpu", "") else 16)
-
-    def _batching_status(self, snapshot: Snapshot) -> dict[str, object]:
-        engine = snapshot.handler.engine
-        return {"batching": engine.batching, "batching_reason": engine.batching_reason,
-                "max_batch": self._max_batch(snapshot), "backend": snapshot.settings.model.backend}
+        return views.live_metrics(self)
 
     # --- status ----------------------------------------------------------------------------
     def _set_status(self, state: str, **fields: object) -> None:
@@ -394,21 +366,10 @@ class Agent:
         return {"cameras": self.cameras.info() if cameras is None else cameras, **self._parts_info(self.snapshot)}
 
     def work_info(self) -> dict[str, Any]:
-        snapshot, scheduler = self.snapshot, self.scheduler
-        return {"queue_depth": scheduler.depth, "busy_rejected": scheduler.rejected, "in_flight": scheduler.running,
-                "delivery": self.delivery.stats(), "inference_restarts": snapshot.handler.engine.crashes,
-                **self._parts_info(snapshot),
-                "fleet": self.intake.fleet_info() if snapshot.settings.mqtt.shared_group else None}
+        return views.work_info(self)
 
     def _parts_info(self, snapshot: Snapshot) -> dict[str, Any]:
-        """Watch rules, the remote backend and the overflow server: in the status and stats."""
-        engine = snapshot.handler.engine
-        memory = getattr(engine, "memory", None)
-        return {"watch": self.watcher.info(),
-                "history": self.history.info() if snapshot.settings.history.enabled else None,
-                "remote": engine.info() if isinstance(engine, OpenAIServer) else None,
-                "overflow": snapshot.overflow.info() if snapshot.overflow is not None else None,
-                "memory": memory.summary(engine.reserved_bytes) if memory is not None else None}
+        return views.parts_info(self, snapshot)
 
 
 def _fit_jpeg(jpeg: bytes, max_bytes: int) -> bytes:
