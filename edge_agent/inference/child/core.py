@@ -4,10 +4,13 @@ Two paths, chosen per request (never changing what it asked for):
 - single: a generator of its own (og.Generator). Images, a `seed` where the batch refuses it,
   prompts longer than the batch's cache, runtimes without the engine, and a request that finds
   nothing else to share with (alone it is fastest here: FACTS.md).
+- group: requests that start together with the same decoding options, on one batched
+  generator (group.py): faster than og.Engine's fixed groups of 4 on CPU, its cache sized to them.
 - batch: the runtime's og.Engine. "dynamic" (paged attention) takes newcomers at any step;
   "static" (CPU) runs fixed groups, so a request that finds the engine idle waits `wait_s` for
-  others to arrive and start with it; later ones wait for the running group.
-A request on a generator of its own holds a cache of prompt + budget tokens: with a memory
+  others to arrive and start with it (as a group where it can); later ones, and what a group
+  cannot take (guidance, other options), go to og.Engine.
+A request on a generator of its own (or its share of a group's) holds a cache of prompt + budget tokens: with a memory
 budget it starts only when that cache fits in what is left (requests wait in order, so none is
 passed for ever); one that could never fit fails at once (TooLarge).
 Events out: ("token", rid, text), ("done", rid, Generation), ("failed", rid, AgentError|str),
@@ -23,6 +26,7 @@ from typing import Any, Protocol
 import onnxruntime_genai as og
 
 from edge_agent.errors import AgentError, Timeout, TooLarge
+from edge_agent.inference.child.group import GROUP_MAX, Group, split
 from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
                                         FINISH_STOP, Generation, GenerationParams, Work)
 from edge_agent.log import get_logger
@@ -60,12 +64,15 @@ class Model(Protocol):
     og_engine: Any  # og.Engine when batching is on, else None
     batching: Batching
     eos_ids: frozenset[int]
+    context_length: int | None
+    can_group: bool  # batched generators (group.py) for requests that start together
 
     def prepare(self, work: Work) -> Prompt: ...
     def token_stream(self) -> Any: ...
     def fits_batch(self, work: Work, prompt: Prompt) -> bool: ...
     def generator(self, prompt: Prompt, params: GenerationParams) -> Any: ...
     def batch_turn(self, prompt: Prompt, params: GenerationParams) -> tuple[Any, Any]: ...
+    def group_generator(self, prompts: list[Prompt], params: GenerationParams) -> Any: ...
 
 
 class Run:
@@ -111,27 +118,32 @@ class Core:
         self._wait_s = wait_s
         self._cache_budget = cache_budget_bytes
         self._kv_bytes = kv_bytes_per_token
-        self._reserved = 0  # bytes of the caches of the single runs
+        self._reserved = 0  # bytes of the caches of the single runs and the groups
         self._reserved_said = 0
         self._waiting: list[Run] = []  # single runs waiting for their cache to fit, in order
         self._last_arrival = float("-inf")
         self._single: dict[int, Run] = {}
+        self._groups: list[Group] = []  # batched generators of runs that started together
         self._batch: dict[int, Run] = {}  # rid -> run on the og.Engine
         self._by_request: dict[int, Run] = {}  # id(og.Request) -> run
         self._gathering: list[Run] = []  # static batching: waiting for the group to start
         self._gather_since = 0.0
+        # A static group starts once this many gathered (or the window passed): a batched
+        # generator takes more than og.Engine's fixed group.
+        self._full = GROUP_MAX if engine.can_group else engine.batching.group_size
         self._buffer = engine.og_engine.create_event_buffer(EVENT_BUFFER) if engine.og_engine else None
 
     @property
     def active(self) -> int:
-        return len(self._single) + len(self._batch) + len(self._gathering) + len(self._waiting)
+        return (len(self._single) + len(self._batch) + len(self._gathering) + len(self._waiting)
+                + sum(len(group.live) for group in self._groups))
 
     def wait_time(self) -> float | None:
         """How long the loop may block waiting for messages: None = until one comes."""
-        if self._single or self._batch or self._waiting:
+        if self._single or self._batch or self._waiting or self._groups:
             return 0.0
         if self._gathering:
-            if len(self._gathering) >= self._engine.batching.group_size or self._lone_gathering():
+            if len(self._gathering) >= self._full or self._lone_gathering():
                 return 0.0  # a full group, or a lone request, starts now
             return max(0.0, self._gather_since + self._wait_s - time.monotonic())
         return None
@@ -166,6 +178,11 @@ class Core:
         if run is not None:
             self._release(run)
             return [("done", rid, run.result(FINISH_CANCELLED))]
+        for group in self._groups:
+            run = group.drop(rid)
+            if run is not None:
+                self._end_group_member(group)
+                return [("done", rid, run.result(FINISH_CANCELLED))]
         run = next((r for r in (*self._gathering, *self._waiting) if r.rid == rid), None)
         if run is not None:
             (self._gathering if run in self._gathering else self._waiting).remove(run)
@@ -183,12 +200,15 @@ class Core:
         events: list[Event] = []
         now = time.monotonic()
         events.extend(self._expire(now))
-        group_full = len(self._gathering) >= self._engine.batching.group_size
+        group_full = len(self._gathering) >= self._full
         if self._gathering and (group_full or self._lone_gathering() or now - self._gather_since >= self._wait_s):
             events.extend(self._start_group())
         events.extend(self._admit_waiting())
         for run in list(self._single.values()):
             events.extend(self._step_single(run))
+        for group in list(self._groups):
+            events.extend(group.step(self._engine.eos_ids))
+            self._end_group_member(group)
         if self._buffer is not None and self._engine.og_engine.has_pending_requests():
             events.extend(self._step_batch())
         elif self._batch:  # never seen; without this the loop would spin on them for ever
@@ -200,7 +220,10 @@ class Core:
         return events
 
     def _lone_gathering(self) -> bool:
-        return len(self._gathering) == 1 and self._gathering[0].lone and not self._single and not self._batch
+        return len(self._gathering) == 1 and self._gathering[0].lone and not self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self._single or self._batch or self._groups)
 
     def run_one(self, work: Work) -> Generation:
         """Generate one request to the end (warm-up, tools, tests): raises what it fails with."""
@@ -213,10 +236,38 @@ class Core:
         return value  # type: ignore[no-any-return]
 
     def _start_group(self) -> list[Event]:
-        group, self._gathering = self._gathering, []
-        alone = len(group) == 1 and not self._batch and not self._single
-        # alone after all: its own generator is fastest
-        return [event for run in group for event in self._start(run, single=alone)]
+        """The gathered runs: batched generators for those that can share one, og.Engine for the
+        rest; one alone after all gets its own generator (fastest)."""
+        rest, self._gathering = self._gathering, []
+        events: list[Event] = []
+        if self._engine.can_group and len(rest) >= 2:
+            free = None
+            if self._cache_budget is not None:  # runs waiting for memory keep their turn
+                free = 0 if self._waiting else self._cache_budget - self._reserved
+            groups, rest = split(rest, kv_bytes=self._kv_bytes, free_bytes=free,
+                                 context=self._engine.context_length)
+            for members in groups:
+                events.extend(self._open_group(members))
+        alone = len(rest) == 1 and not self._busy()
+        return events + [event for run in rest for event in self._start(run, single=alone)]
+
+    def _open_group(self, runs: list[Run]) -> list[Event]:
+        try:
+            group = Group.start(self._engine, runs, self._kv_bytes)
+        except Exception as exc:  # noqa: BLE001 - a failure to start is the group's alone
+            text = exc if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
+            return [("failed", run.rid, text) for run in runs]
+        self._reserved += group.cache_bytes
+        self._groups.append(group)
+        log.debug("inference.group_started", rids=[run.rid for run in runs], reserved=self._reserved)
+        return []
+
+    def _end_group_member(self, group: Group) -> None:
+        """A group whose members all ended goes, and its cache with it."""
+        if group.done and group in self._groups:
+            self._groups.remove(group)
+            group.close()
+            self._reserved = max(0, self._reserved - group.cache_bytes)
 
     def _start(self, run: Run, *, single: bool) -> list[Event]:
         return self._guarded(run, self._start_single if single else self._start_batch)
@@ -234,7 +285,8 @@ class Core:
 
     def fail_all(self, text: str) -> list[Event]:
         """The runtime raised where no request could be blamed: every request in flight fails."""
-        runs = [*self._single.values(), *self._batch.values(), *self._gathering, *self._waiting]
+        runs = [*self._single.values(), *self._batch.values(), *self._gathering, *self._waiting,
+                *(run for group in self._groups for run in group.live.values())]
         for run in self._batch.values():
             try:
                 run.request.cancel_turn(run.turn)
@@ -244,6 +296,7 @@ class Core:
         self._batch.clear()
         self._gathering.clear()
         self._waiting.clear()
+        self._groups.clear()
         self._reserved = 0
         return [("failed", run.rid, text) for run in runs]
 
@@ -350,6 +403,10 @@ class Core:
             del self._single[run.rid]
             self._release(run)
             events.append(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens")))
+        for group in list(self._groups):
+            events.extend(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens"))
+                          for run in group.expire(now))
+            self._end_group_member(group)
         for run in [r for r in self._batch.values() if r.expired(now)]:
             del self._batch[run.rid]
             run.request.cancel_turn(run.turn)
