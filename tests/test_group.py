@@ -34,18 +34,21 @@ def engine(smollm2_model: Path) -> OrtGenaiEngine:
     return loaded
 
 
-def run_all(core: Core, works: dict[int, Work], *, cancel: dict[int, int] | None = None,
-            budget: int | None = None) -> dict[int, Generation | Any]:
-    """Submit all in one read of the inbox, step to the end; `cancel`: rid -> after how many of
-    its tokens. Checks at every step that the caches held stay within `budget`."""
-    events = [e for rid, w in works.items() for e in core.submit(rid, w)]
+def run_all(core: Core, works: dict[int, Work | None], *, cancel: dict[int, int] | None = None,
+            budget: int | None = None) -> dict[Any, Generation | Any]:
+    """Submit all in one read of the inbox (None: submitted before), step to the end; `cancel`:
+    rid -> after how many of its tokens. Checks at every step that the caches held stay within
+    `budget`. Also "tokens": rid -> the text streamed."""
+    events = [e for rid, w in works.items() if w is not None for e in core.submit(rid, w)]
     ended: dict[int, Any] = {rid: value for kind, rid, value in events if kind in ("done", "failed")}
     tokens: dict[int, int] = {}
+    texts: dict[int, list[str]] = {rid: [] for rid in works}
     deadline = time.monotonic() + 120
     while len(ended) < len(works) and time.monotonic() < deadline:
         for kind, rid, value in core.step():
             if kind == "token":
                 tokens[rid] = tokens.get(rid, 0) + 1
+                texts[rid].append(value)
                 if cancel and tokens[rid] == cancel.get(rid):
                     ended.update({r: v for _, r, v in core.cancel(rid)})
             elif kind in ("done", "failed"):
@@ -55,7 +58,7 @@ def run_all(core: Core, works: dict[int, Work], *, cancel: dict[int, int] | None
         if budget is not None:
             assert core._reserved <= budget
     assert len(ended) == len(works), ended
-    return ended
+    return {**ended, "tokens": texts}
 
 
 def test_eight_started_together_run_as_one_group_and_answer_as_alone(engine: OrtGenaiEngine) -> None:
@@ -74,6 +77,23 @@ def test_eight_started_together_run_as_one_group_and_answer_as_alone(engine: Ort
             assert (got[n].text, got[n].finish_reason, got[n].completion_tokens) == \
                 (expected.text, expected.finish_reason, expected.completion_tokens)
     assert core._reserved == 0 and core.active == 0 and not core._groups
+
+
+def test_the_first_of_a_burst_started_alone_joins_the_group_with_its_text_unchanged(
+        engine: OrtGenaiEngine) -> None:
+    alone = [engine.generate(({"role": "user", "content": q},), GenerationParams(40)) for q in QUESTIONS]
+    core = Core(engine)
+    lead = work(QUESTIONS[3], 40)
+    events = core.submit(0, Work(lead.messages, lead.params, stream=True))
+    while sum(1 for kind, _, _ in events if kind == "token") < 3:
+        events += core.step()  # it came alone to an idle engine: it runs on its own generator
+    assert core._single[0].path == "single"
+    got = run_all(core, {0: None, 1: work(QUESTIONS[1], 40), 2: work(QUESTIONS[2], 40)})
+    assert [got[n].path for n in range(3)] == ["group"] * 3
+    assert [got[n].text for n in range(3)] == [alone[3].text, alone[1].text, alone[2].text]
+    streamed = [v for kind, _, v in events if kind == "token"] + got["tokens"][0]
+    assert "".join(streamed) == alone[3].text  # the stream went on where it was: nothing twice
+    assert not core._single and not core._groups and core._reserved == 0
 
 
 def test_a_cancelled_member_ends_alone_and_the_others_keep_their_answers(engine: OrtGenaiEngine) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import onnxruntime_genai as og
 
 from edge_agent.errors import AgentError, Timeout, TooLarge
-from edge_agent.inference.child.group import GROUP_MAX, Group, split
+from edge_agent.inference.child.group import ADOPT_TOKENS, GROUP_MAX, Group, split
 from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
                                         FINISH_STOP, Generation, GenerationParams, Work)
 from edge_agent.log import get_logger
@@ -72,7 +72,7 @@ class Model(Protocol):
     def fits_batch(self, work: Work, prompt: Prompt) -> bool: ...
     def generator(self, prompt: Prompt, params: GenerationParams) -> Any: ...
     def batch_turn(self, prompt: Prompt, params: GenerationParams) -> tuple[Any, Any]: ...
-    def group_generator(self, prompts: list[Prompt], params: GenerationParams) -> Any: ...
+    def group_generator(self, rows: list[tuple[Prompt, list[int]]], params: GenerationParams) -> Any: ...
 
 
 class Run:
@@ -82,6 +82,7 @@ class Run:
         self.rid, self.work, self.prompt, self.path = rid, work, prompt, path
         self.received = received
         self.pieces: list[str] = []
+        self.tokens: list[int] = []  # the ids of the pieces: a group that adopts it prefills them
         self.ttft_ms: float | None = None
         self._stream = stream
         self.finish: str | None = None  # set when it ended
@@ -99,6 +100,7 @@ class Run:
             self.finish = FINISH_STOP
             return None
         piece = self._stream.decode(token)
+        self.tokens.append(token)
         self.pieces.append(piece)
         return piece
 
@@ -237,17 +239,24 @@ class Core:
 
     def _start_group(self) -> list[Event]:
         """The gathered runs: batched generators for those that can share one, og.Engine for the
-        rest; one alone after all gets its own generator (fastest)."""
+        rest; one alone after all gets its own generator (fastest). A lone run that started on
+        its own a moment ago (the first of a burst) joins the group: two generators stepping
+        side by side cost nearly twice one batched step."""
         rest, self._gathering = self._gathering, []
         events: list[Event] = []
-        if self._engine.can_group and len(rest) >= 2:
+        young = [run for run in self._single.values() if run.lone and len(run.tokens) <= ADOPT_TOKENS]
+        if self._engine.can_group and len(rest) + len(young) >= 2:
             free = None
             if self._cache_budget is not None:  # runs waiting for memory keep their turn
                 free = 0 if self._waiting else self._cache_budget - self._reserved
-            groups, rest = split(rest, kv_bytes=self._kv_bytes, free_bytes=free,
+            groups, rest = split([*young, *rest], kv_bytes=self._kv_bytes, free_bytes=free,
                                  context=self._engine.context_length)
             for members in groups:
+                for run in members:
+                    if self._single.pop(run.rid, None) is not None:
+                        self._release(run)  # its generator goes: the group prefills its tokens so far
                 events.extend(self._open_group(members))
+            rest = [run for run in rest if run.rid not in self._single]  # a young one left out goes on
         alone = len(rest) == 1 and not self._busy()
         return events + [event for run in rest for event in self._start(run, single=alone)]
 

@@ -229,18 +229,20 @@ class OrtGenaiEngine:
             generator.append_tokens(prompt.ids)
         return generator
 
-    def group_generator(self, prompts: Sequence[Prompt], params: GenerationParams) -> Any:
-        """One batched generator for prompts that share these options; row i is prompts[i],
-        padded on the right with the pad token (as the runtime's encode_batch pads)."""
-        longest = max(prompt.length for prompt in prompts)
+    def group_generator(self, rows: Sequence[tuple[Prompt, Sequence[int]]], params: GenerationParams) -> Any:
+        """One batched generator for requests that share these options. Row i is rows[i]: a
+        prompt and the tokens it generated so far (none for a new one), padded on the right with
+        the pad token (as the runtime's encode_batch pads)."""
+        tokens = [np.concatenate([prompt.ids, np.asarray(done, dtype=np.int32)]) for prompt, done in rows]
+        longest = max(len(row) for row in tokens)
+        most = max(prompt.budget - len(done) for prompt, done in rows)
         search = og.GeneratorParams(self._model)
         options = params.search_options()
         options.setdefault("random_seed", GREEDY_SEED if not params.sampling else secrets.randbits(31))
-        search.set_search_options(max_length=longest + max(prompt.budget for prompt in prompts),
-                                  batch_size=len(prompts), **options)
-        ids = np.full((len(prompts), longest), self._pad_id, dtype=np.int32)
-        for row, prompt in zip(ids, prompts):
-            row[:prompt.length] = prompt.ids
+        search.set_search_options(max_length=longest + most, batch_size=len(rows), **options)
+        ids = np.full((len(rows), longest), self._pad_id, dtype=np.int32)
+        for row, row_tokens in zip(ids, tokens):
+            row[:len(row_tokens)] = row_tokens
         generator = og.Generator(self._model, search)
         generator.append_tokens(ids)
         return generator

@@ -21,6 +21,10 @@ Event = tuple[str, int, Any]
 # The most requests one batched generator takes. The daemon hands the child at most
 # inference.max_batch at once (8 on CPU); past 16, a CPU step is bound by memory anyway.
 GROUP_MAX = 16
+# A lone run on its own generator joins a group that starts while it has made at most this
+# many tokens: its prompt and those tokens are prefilled again in the group (cheap next to
+# stepping two generators for the rest of the answer).
+ADOPT_TOKENS = 32
 
 
 class Run(Protocol):
@@ -30,6 +34,8 @@ class Run(Protocol):
     work: Work
     prompt: Any  # core.Prompt: length, budget, ids
     pieces: list[str]
+    tokens: list[int]  # generated so far: a run that joins a group late brings them
+    lone: bool
     finish: str | None
     path: str
 
@@ -49,9 +55,10 @@ def options_key(run: Run) -> tuple[Any, ...] | None:
 
 
 def cache_tokens(runs: Sequence[Run]) -> int:
-    """Tokens of cache a batched generator of these runs holds: every row is as long as the longest."""
-    longest = max(run.prompt.length for run in runs)
-    most = max(run.prompt.budget for run in runs)
+    """Tokens of cache a batched generator of these runs holds: every row is as long as the longest
+    (a row: the prompt and the tokens generated so far, then what is left of the budget)."""
+    longest = max(run.prompt.length + len(run.tokens) for run in runs)
+    most = max(run.prompt.budget - len(run.tokens) for run in runs)
     return len(runs) * (longest + most)
 
 
@@ -103,7 +110,7 @@ class Group:
     @classmethod
     def start(cls, engine: Any, runs: Sequence[Run], kv_bytes: int) -> Group:
         """Their batched generator (`engine`: core.Model); raises what the runtime raises."""
-        generator = engine.group_generator([run.prompt for run in runs], runs[0].work.params)
+        generator = engine.group_generator([(run.prompt, run.tokens) for run in runs], runs[0].work.params)
         for run in runs:
             run.path = "group"
         return cls(runs, generator, cache_tokens(runs) * kv_bytes)
