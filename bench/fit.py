@@ -6,8 +6,9 @@ runtime can give? (issue 18 points 5 and 6; results in bench/FIT.md)
                         [--throughput smollm2] [--json]
 
 Memory, for each model, with batching on and off: a private mosquitto and `edge-agent run`;
-the plan as the agent reports it (`memory` in its retained status and stats: weights_mb,
-reserved_mb = the batching engine's group cache + the requests' caches held now); the resident
+the plan as the agent reports it (`memory` in its retained status and stats: weights_mb, the
+loaded_mb its inference process measured at load, reserved_mb = the batching engine's group
+cache + the requests' caches and prompt logits held now); the resident
 memory (VmRSS) of the daemon and of its inference process, idle after the warm-up and at its
 peak while N requests run at once (sampled every 20 ms; the plan's peak from stats every
 0.2 s). The inference process's own figure is its RSS less a bare process that imports what it
@@ -131,11 +132,17 @@ def memory_rows(model: Path, n: int, tokens: int, bare: int) -> list[dict[str, A
     for batching in (True, False):
         got = run_agent(model, batching, n, tokens)
         plan = got["plan"]
-        planned_idle = plan["weights_mb"] + plan["reserved_mb"]
-        planned_busy = plan["weights_mb"] + got["plan_busy_reserved_mb"]
+        # The load as planned (file size + the batching engine's group cache) or as the child
+        # measured it, whichever is more (what admission takes off the budget); then the
+        # requests' caches and prompt logits the child reported held at the peak.
+        file_plan = plan["weights_mb"] + plan["reserved_mb"]
+        planned_idle = max(file_plan, plan["loaded_mb"])
+        planned_busy = planned_idle + got["plan_busy_reserved_mb"] - plan["reserved_mb"]
         child_idle = (got["idle"]["child"] - bare) / 2**20
         child_busy = (got["busy_child"] - bare) / 2**20
         rows.append({"model": model.name, "batching": batching, "weights_mb": plan["weights_mb"],
+                     "loaded_mb": plan["loaded_mb"], "file_plan_mb": round(file_plan, 1),
+                     "file_plan_over_measured_idle": round(file_plan / child_idle, 3),
                      "kv_bytes_per_token": plan["kv_bytes_per_token"],
                      "idle": {"planned_mb": round(planned_idle, 1), "measured_mb": round(child_idle, 1),
                               "measured_over_planned": round(child_idle / planned_idle, 3)},

@@ -382,7 +382,7 @@ class Agent:
         return {"watch": self.watcher.info(),
                 "remote": engine.info() if isinstance(engine, OpenAIServer) else None,
                 "overflow": snapshot.overflow.info() if snapshot.overflow is not None else None,
-                "memory": memory.summary(engine.reserved_bytes) if memory is not None else None}
+                "memory": memory.summary(engine.reserved_bytes, engine.loaded_bytes) if memory is not None else None}
 
 
 def _warm_up(engine: Any, settings: Settings) -> None:

@@ -57,6 +57,7 @@ class LocalInference:
         self.folder = folder
         self.memory = memory  # the plan this model was loaded under (None: no budget)
         self.reserved_bytes = 0  # requests' caches held in the child now (its "memory" events)
+        self.loaded_bytes = 0  # what the child's load took, as it measured it
         # A request with no deadline of its own is stuck once it runs longer than this
         # (limits.max_timeout_s) plus the grace: ended here, before the systemd watchdog would
         # restart the whole daemon for it.
@@ -67,7 +68,9 @@ class LocalInference:
         self._spec = LoadSpec(str(folder), provider, tuple(fallback), dict(provider_options or {}),
                               log_level, log_format, batching, batch_wait_s, batch_max_length,
                               memory.cache_budget_bytes if memory else None,
-                              memory.kv_bytes_per_token if memory else 0)
+                              memory.kv_bytes_per_token if memory else 0,
+                              memory.logits_bytes_per_token if memory else 0,
+                              memory.load_bytes if memory else 0)
         self.name = folder.name
         self.supports_images = takes_images(read_genai_config(folder))  # fails early on a bad folder
         self.context_length: int | None = None
@@ -200,6 +203,7 @@ class LocalInference:
         self.supports_images = info.supports_images
         self.batching, self.batching_reason, self.batch_group = info.batching, info.batching_reason, info.batch_group
         self.reserved_bytes = 0  # a new child holds no request's cache yet
+        self.loaded_bytes = info.loaded_bytes
         note = self.memory.batching_note if self.memory is not None else None
         if note:  # the plan shortened the batch cache, or turned batching off: say so, not the setting
             self.batching_reason = f"memory plan: {note}" if info.batching == "off" else \

@@ -93,6 +93,8 @@ class LoadSpec:
     # a request starts generating only when its cache fits (None: no budget).
     cache_budget_bytes: int | None = None
     kv_bytes_per_token: int = 0
+    logits_bytes_per_token: int = 0  # a prompt's logits, held while it is read
+    planned_load_bytes: int = 0  # what the plan expects the load to take: more comes off the caches' budget
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class LoadedInfo:
     batching: str  # "dynamic", "static" or "off"
     batching_reason: str
     batch_group: int
+    loaded_bytes: int = 0  # what the load took (resident memory), the batching engine's warm group included
 
 
 @dataclass(frozen=True)

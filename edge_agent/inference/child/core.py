@@ -115,11 +115,13 @@ class Run:
 
 class Core:
     def __init__(self, engine: Model, wait_s: float = DEFAULT_BATCH_WAIT_S, *,
-                 cache_budget_bytes: int | None = None, kv_bytes_per_token: int = 0) -> None:
+                 cache_budget_bytes: int | None = None, kv_bytes_per_token: int = 0,
+                 logits_bytes_per_token: int = 0) -> None:
         self._engine = engine
         self._wait_s = wait_s
         self._cache_budget = cache_budget_bytes
         self._kv_bytes = kv_bytes_per_token
+        self._logits_bytes = logits_bytes_per_token  # a prompt's logits, held until its first token
         self._reserved = 0  # bytes of the caches of the single runs and the groups
         self._reserved_said = 0
         self._waiting: list[Run] = []  # single runs waiting for their cache to fit, in order
@@ -209,7 +211,9 @@ class Core:
         for run in list(self._single.values()):
             events.extend(self._step_single(run))
         for group in list(self._groups):
+            held = group.held
             events.extend(group.step(self._engine.eos_ids))
+            self._reserved -= held - group.held
             self._end_group_member(group)
         if self._buffer is not None and self._engine.og_engine.has_pending_requests():
             events.extend(self._step_batch())
@@ -250,7 +254,7 @@ class Core:
             if self._cache_budget is not None:  # runs waiting for memory keep their turn
                 free = 0 if self._waiting else self._cache_budget - self._reserved
             groups, rest = split([*young, *rest], kv_bytes=self._kv_bytes, free_bytes=free,
-                                 context=self._engine.context_length)
+                                 context=self._engine.context_length, logits_bytes=self._logits_bytes)
             for members in groups:
                 for run in members:
                     if self._single.pop(run.rid, None) is not None:
@@ -262,11 +266,11 @@ class Core:
 
     def _open_group(self, runs: list[Run]) -> list[Event]:
         try:
-            group = Group.start(self._engine, runs, self._kv_bytes)
+            group = Group.start(self._engine, runs, self._kv_bytes, self._logits_bytes)
         except Exception as exc:  # noqa: BLE001 - a failure to start is the group's alone
             text = exc if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
             return [("failed", run.rid, text) for run in runs]
-        self._reserved += group.cache_bytes
+        self._reserved += group.held
         self._groups.append(group)
         log.debug("inference.group_started", rids=[run.rid for run in runs], reserved=self._reserved)
         return []
@@ -276,7 +280,7 @@ class Core:
         if group.done and group in self._groups:
             self._groups.remove(group)
             group.close()
-            self._reserved = max(0, self._reserved - group.cache_bytes)
+            self._reserved = max(0, self._reserved - group.held)
 
     def _start(self, run: Run, *, single: bool) -> list[Event]:
         return self._guarded(run, self._start_single if single else self._start_batch)
@@ -315,7 +319,8 @@ class Core:
             need = self._cache_bytes(run)
             if need > self._cache_budget:
                 tokens = run.prompt.length + run.prompt.budget
-                raise TooLarge(f"the request needs a cache of {tokens} tokens ({need / 2**20:.1f} MB); the memory "
+                raise TooLarge(f"the request needs a cache of {tokens} tokens and its prompt's logits "
+                               f"({need / 2**20:.1f} MB); the memory "
                                f"budget leaves {self._cache_budget / 2**20:.1f} MB for caches (inference.memory_mb)")
             if self._waiting or self._reserved + need > self._cache_budget:
                 self._waiting.append(run)  # in order: none passes the one ahead
@@ -335,7 +340,9 @@ class Core:
         log.debug("inference.started", rid=run.rid, running=len(self._single), reserved=self._reserved)
 
     def _cache_bytes(self, run: Run) -> int:
-        return (run.prompt.length + run.prompt.budget) * self._kv_bytes
+        """What it holds: its cache, and its prompt's logits until its first token."""
+        logits = run.prompt.length * self._logits_bytes if run.ttft_ms is None else 0
+        return (run.prompt.length + run.prompt.budget) * self._kv_bytes + logits
 
     def _release(self, run: Run) -> None:
         run.generator = None
@@ -359,6 +366,8 @@ class Core:
         if generator.is_done():
             return self._end_single(run, run.finish or FINISH_LENGTH)
         generator.generate_next_token()
+        if run.ttft_ms is None:  # the prompt was read: its logits are gone
+            self._reserved -= run.prompt.length * self._logits_bytes
         piece = run.take(int(generator.get_next_tokens()[0]), self._engine.eos_ids)
         events: list[Event] = [("token", run.rid, piece)] if piece is not None and run.work.stream else []
         if piece is None or len(run.pieces) >= run.prompt.budget:

@@ -62,8 +62,15 @@ def cache_tokens(runs: Sequence[Run]) -> int:
     return len(runs) * (longest + most)
 
 
-def split(runs: Iterable[Run], *, kv_bytes: int, free_bytes: int | None,
-          context: int | None) -> tuple[list[list[Run]], list[Run]]:
+def held_bytes(runs: Sequence[Run], kv_bytes: int, logits_bytes: int) -> int:
+    """What their batched generator holds at its start: the cache, and the logits of every
+    row's prompt while they are read."""
+    rows = max(run.prompt.length + len(run.tokens) for run in runs)
+    return cache_tokens(runs) * kv_bytes + len(runs) * rows * logits_bytes
+
+
+def split(runs: Iterable[Run], *, kv_bytes: int, free_bytes: int | None, context: int | None,
+          logits_bytes: int = 0) -> tuple[list[list[Run]], list[Run]]:
     """The groups (two members or more, in arrival order) these runs start in, each within
     GROUP_MAX, the model's context and what is left of the memory budget (`free_bytes`, None: no
     budget); and the runs left to start otherwise."""
@@ -78,42 +85,44 @@ def split(runs: Iterable[Run], *, kv_bytes: int, free_bytes: int | None,
         current: list[Run] = []
         for run in [*bucket, None]:
             candidate = [*current, run] if run is not None else current
-            if run is not None and _fits(candidate, kv_bytes, free, context):
+            if run is not None and _fits(candidate, (kv_bytes, logits_bytes), free, context):
                 current = candidate
                 continue
             if len(current) >= 2:
                 groups.append(current)
                 if free is not None:
-                    free -= cache_tokens(current) * kv_bytes
+                    free -= held_bytes(current, kv_bytes, logits_bytes)
             else:
                 rest.extend(current)
             current = [run] if run is not None else []
     return groups, rest
 
 
-def _fits(runs: list[Run], kv_bytes: int, free: int | None, context: int | None) -> bool:
-    tokens = cache_tokens(runs)
-    longest = tokens // len(runs)
+def _fits(runs: list[Run], sizes: tuple[int, int], free: int | None, context: int | None) -> bool:
+    longest = cache_tokens(runs) // len(runs)
     return (len(runs) <= GROUP_MAX and (context is None or longest <= context)
-            and (free is None or tokens * kv_bytes <= free))
+            and (free is None or held_bytes(runs, *sizes) <= free))
 
 
 class Group:
-    """Runs that started together, their batched generator, and the cache bytes it holds."""
+    """Runs that started together, their batched generator, and the bytes it holds (`held`:
+    the prompts' logits go after the first step)."""
 
-    def __init__(self, runs: Sequence[Run], generator: Any, cache_bytes: int) -> None:
+    def __init__(self, runs: Sequence[Run], generator: Any, held: int, prefill: int) -> None:
         self.runs = list(runs)  # row i of the generator is runs[i]
         self.generator = generator
-        self.cache_bytes = cache_bytes
+        self.held = held
+        self._prefill = prefill
         self.live = {run.rid: run for run in runs}
 
     @classmethod
-    def start(cls, engine: Any, runs: Sequence[Run], kv_bytes: int) -> Group:
+    def start(cls, engine: Any, runs: Sequence[Run], kv_bytes: int, logits_bytes: int) -> Group:
         """Their batched generator (`engine`: core.Model); raises what the runtime raises."""
+        held = held_bytes(runs, kv_bytes, logits_bytes)
         generator = engine.group_generator([(run.prompt, run.tokens) for run in runs], runs[0].work.params)
         for run in runs:
             run.path = "group"
-        return cls(runs, generator, cache_tokens(runs) * kv_bytes)
+        return cls(runs, generator, held, held - cache_tokens(runs) * kv_bytes)
 
     def step(self, eos_ids: frozenset[int]) -> list[Event]:
         """One token for every row; text and ends for the live members only."""
@@ -123,6 +132,7 @@ class Group:
                 events.extend(self._end(run, run.finish or FINISH_LENGTH))
             return events
         self.generator.generate_next_token()
+        self.held, self._prefill = self.held - self._prefill, 0  # the prompts were read
         tokens = self.generator.get_next_tokens()
         for row, run in enumerate(self.runs):
             if run.rid not in self.live:
