@@ -10,9 +10,10 @@ Two paths, chosen per request (never changing what it asked for):
   "static" (CPU) runs fixed groups, so a request that finds the engine idle waits `wait_s` for
   others to arrive and start with it (as a group where it can); later ones, and what a group
   cannot take (guidance, other options), go to og.Engine.
-A request on a generator of its own (or its share of a group's) holds a cache of prompt + budget tokens: with a memory
-budget it starts only when that cache fits in what is left (requests wait in order, so none is
-passed for ever); one that could never fit fails at once (TooLarge).
+A request on a generator of its own (or a group) holds a cache of prompt + budget tokens, and its
+prompt's logits until the first token: with a memory budget it starts only when that fits in
+what is left (requests wait in order, so none is passed for ever); one that could never fit
+fails at once (TooLarge).
 Events out: ("token", rid, text), ("done", rid, Generation), ("failed", rid, AgentError|str),
 ("memory", 0, bytes of request caches held now).
 """
