@@ -103,9 +103,9 @@ class LocalInference:
             self._adopt(self._start())
 
     def warm_up(self) -> Generation:
-        """A short generation; with batching, a full group at once: the batch path is warm and
-        its cache (the runtime sizes it to the largest group it has run) is all there at
-        `ready`, instead of growing under the first burst."""
+        """A short generation; with batching, a full group at once: the group path is warm at
+        `ready` (the child warmed the batching engine's cache, which the runtime sizes to the
+        largest group it has run, as it loaded)."""
         work = Work(({"role": "user", "content": "Hello"},), GenerationParams(WARMUP_TOKENS))
         handles = [self.submit(work) for _ in range(self.batch_group if self.batching != "off" else 1)]
         return [handle.result() for handle in handles][0]
