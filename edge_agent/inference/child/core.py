@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import onnxruntime_genai as og
 
 from edge_agent.errors import AgentError, Timeout, TooLarge
-from edge_agent.inference.child.group import ADOPT_TOKENS, GROUP_MAX, Group, split
+from edge_agent.inference.child.group import ADOPT_TOKENS, GROUP_MAX, Groups, split
 from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
                                         FINISH_STOP, Generation, GenerationParams, Work)
 from edge_agent.log import get_logger
@@ -128,7 +128,7 @@ class Core:
         self._waiting: list[Run] = []  # single runs waiting for their cache to fit, in order
         self._last_arrival = float("-inf")
         self._single: dict[int, Run] = {}
-        self._groups: list[Group] = []  # batched generators of runs that started together
+        self._groups = Groups()  # batched generators of runs that started together
         self._batch: dict[int, Run] = {}  # rid -> run on the og.Engine
         self._by_request: dict[int, Run] = {}  # id(og.Request) -> run
         self._gathering: list[Run] = []  # static batching: waiting for the group to start
@@ -141,7 +141,7 @@ class Core:
     @property
     def active(self) -> int:
         return (len(self._single) + len(self._batch) + len(self._gathering) + len(self._waiting)
-                + sum(len(group.live) for group in self._groups))
+                + len(self._groups.live()))
 
     def wait_time(self) -> float | None:
         """How long the loop may block waiting for messages: None = until one comes."""
@@ -183,11 +183,10 @@ class Core:
         if run is not None:
             self._release(run)
             return [("done", rid, run.result(FINISH_CANCELLED))]
-        for group in self._groups:
-            run = group.drop(rid)
-            if run is not None:
-                self._end_group_member(group)
-                return [("done", rid, run.result(FINISH_CANCELLED))]
+        run, freed = self._groups.cancel(rid)
+        if run is not None:
+            self._reserved -= freed
+            return [("done", rid, run.result(FINISH_CANCELLED))]
         run = next((r for r in (*self._gathering, *self._waiting) if r.rid == rid), None)
         if run is not None:
             (self._gathering if run in self._gathering else self._waiting).remove(run)
@@ -211,11 +210,9 @@ class Core:
         events.extend(self._admit_waiting())
         for run in list(self._single.values()):
             events.extend(self._step_single(run))
-        for group in list(self._groups):
-            held = group.held
-            events.extend(group.step(self._engine.eos_ids))
-            self._reserved -= held - group.held
-            self._end_group_member(group)
+        group_events, freed = self._groups.step(self._engine.eos_ids)
+        events.extend(group_events)
+        self._reserved -= freed
         if self._buffer is not None and self._engine.og_engine.has_pending_requests():
             events.extend(self._step_batch())
         elif self._batch:  # never seen; without this the loop would spin on them for ever
@@ -260,28 +257,13 @@ class Core:
                 for run in members:
                     if self._single.pop(run.rid, None) is not None:
                         self._release(run)  # its generator goes: the group prefills its tokens so far
-                events.extend(self._open_group(members))
+                opened, held = self._groups.open(self._engine, members, self._kv_bytes, self._logits_bytes)
+                self._reserved += held
+                events.extend(opened)
+                log.debug("inference.group_started", rids=[run.rid for run in members], reserved=self._reserved)
             rest = [run for run in rest if run.rid not in self._single]  # a young one left out goes on
         alone = len(rest) == 1 and not self._busy()
         return events + [event for run in rest for event in self._start(run, single=alone)]
-
-    def _open_group(self, runs: list[Run]) -> list[Event]:
-        try:
-            group = Group.start(self._engine, runs, self._kv_bytes, self._logits_bytes)
-        except Exception as exc:  # noqa: BLE001 - a failure to start is the group's alone
-            text = exc if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
-            return [("failed", run.rid, text) for run in runs]
-        self._reserved += group.held
-        self._groups.append(group)
-        log.debug("inference.group_started", rids=[run.rid for run in runs], reserved=self._reserved)
-        return []
-
-    def _end_group_member(self, group: Group) -> None:
-        """A group whose members all ended goes, and its cache with it."""
-        if group.done and group in self._groups:
-            self._groups.remove(group)
-            group.close()
-            self._reserved = max(0, self._reserved - group.held)
 
     def _start(self, run: Run, *, single: bool) -> list[Event]:
         return self._guarded(run, self._start_single if single else self._start_batch)
@@ -300,7 +282,7 @@ class Core:
     def fail_all(self, text: str) -> list[Event]:
         """The runtime raised where no request could be blamed: every request in flight fails."""
         runs = [*self._single.values(), *self._batch.values(), *self._gathering, *self._waiting,
-                *(run for group in self._groups for run in group.live.values())]
+                *self._groups.live()]
         for run in self._batch.values():
             try:
                 run.request.cancel_turn(run.turn)
@@ -422,10 +404,10 @@ class Core:
             del self._single[run.rid]
             self._release(run)
             events.append(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens")))
-        for group in list(self._groups):
-            events.extend(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens"))
-                          for run in group.expire(now))
-            self._end_group_member(group)
+        expired, freed = self._groups.expire(now)
+        self._reserved -= freed
+        events.extend(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens"))
+                      for run in expired)
         for run in [r for r in self._batch.values() if r.expired(now)]:
             del self._batch[run.rid]
             run.request.cancel_turn(run.turn)

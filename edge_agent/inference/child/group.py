@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Protocol, Sequence
 
+from edge_agent.errors import AgentError
 from edge_agent.inference.types import FINISH_LENGTH, Generation, Work
 
 Event = tuple[str, int, Any]
@@ -162,3 +163,61 @@ class Group:
     def _end(self, run: Run, finish: str) -> list[Event]:
         del self.live[run.rid]
         return [("done", run.rid, run.result(finish))]
+
+
+class Groups:
+    """The groups running now. Each change returns the bytes it took or freed: the Core keeps
+    the one count of what is held."""
+
+    def __init__(self) -> None:
+        self._running: list[Group] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._running)
+
+    def live(self) -> list[Run]:
+        return [run for group in self._running for run in group.live.values()]
+
+    def open(self, engine: Any, runs: Sequence[Run], kv_bytes: int, logits_bytes: int) -> tuple[list[Event], int]:
+        try:
+            group = Group.start(engine, runs, kv_bytes, logits_bytes)
+        except Exception as exc:  # noqa: BLE001 - a failure to start is the group's alone
+            text = exc if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
+            return [("failed", run.rid, text) for run in runs], 0
+        self._running.append(group)
+        return [], group.held
+
+    def step(self, eos_ids: frozenset[int]) -> tuple[list[Event], int]:
+        events: list[Event] = []
+        freed = 0
+        for group in list(self._running):
+            held = group.held
+            events.extend(group.step(eos_ids))
+            freed += held - group.held + self._close_if_done(group)
+        return events, freed
+
+    def cancel(self, rid: int) -> tuple[Run | None, int]:
+        for group in self._running:
+            run = group.drop(rid)
+            if run is not None:
+                return run, self._close_if_done(group)
+        return None, 0
+
+    def expire(self, now: float) -> tuple[list[Run], int]:
+        expired: list[Run] = []
+        freed = 0
+        for group in list(self._running):
+            expired.extend(group.expire(now))
+            freed += self._close_if_done(group)
+        return expired, freed
+
+    def clear(self) -> None:
+        self._running.clear()
+
+    def _close_if_done(self, group: Group) -> int:
+        """A group whose members all ended goes, and what it held with it."""
+        if not group.done:
+            return 0
+        self._running.remove(group)
+        group.close()
+        return group.held
