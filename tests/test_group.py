@@ -99,7 +99,7 @@ def test_the_first_of_a_burst_started_alone_joins_the_group_with_its_text_unchan
 def test_a_cancelled_member_ends_alone_and_the_others_keep_their_answers(engine: OrtGenaiEngine) -> None:
     alone = engine.generate(({"role": "user", "content": STORY},), GenerationParams(60))
     core = Core(engine, cache_budget_bytes=1 << 30, kv_bytes_per_token=46080)
-    works = {n: work(STORY, 60, ) for n in range(4)}
+    works = {n: work(STORY, 60) for n in range(4)}
     works[1] = Work(works[1].messages, works[1].params, stream=True)
     got = run_all(core, works, cancel={1: 5})
     assert got[1].finish_reason == FINISH_CANCELLED and got[1].path == "group"
@@ -121,11 +121,11 @@ def test_a_member_past_its_deadline_fails_and_the_others_go_on(engine: OrtGenaiE
 
 def test_a_budget_for_part_of_the_group_splits_it_and_all_are_answered(engine: OrtGenaiEngine) -> None:
     alone = [engine.generate(({"role": "user", "content": q},), GenerationParams(24)) for q in QUESTIONS]
-    kv = 2 * 30 * 3 * 64 * 4
-    rows = [engine.prepare(work(q, 24)) for q in QUESTIONS]
-    row_tokens = max(p.length for p in rows) + 24
-    budget = 3 * row_tokens * kv + kv  # three rows of the group fit, not four
-    core = Core(engine, cache_budget_bytes=budget, kv_bytes_per_token=kv)
+    kv, logits = 2 * 30 * 3 * 64 * 4, 49152 * 4
+    longest = max(engine.prepare(work(q, 24)).length for q in QUESTIONS)
+    # three rows of the group fit (caches, and the prompts' logits while they are read), not four
+    budget = 3 * ((longest + 24) * kv + longest * logits) + kv
+    core = Core(engine, cache_budget_bytes=budget, kv_bytes_per_token=kv, logits_bytes_per_token=logits)
     got = run_all(core, {n: work(QUESTIONS[n % 4], 24) for n in range(8)}, budget=budget)
     paths = [got[n].path for n in range(8)]
     assert paths.count("group") == 3 and paths.count("batch") == 5, paths  # the rest on og.Engine
