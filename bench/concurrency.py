@@ -5,7 +5,8 @@ batched, with the same model in one run; one request alone; the per-request fixe
     python bench/concurrency.py [--model smollm2|tiny|PATH] [--concurrent 8] [--tokens 128] [--json]
 
 Raw sides run in child processes of this script (never at the same time as the agent): one
-og.Generator per request in turn ("sequential"), and all requests on one og.Engine ("batched").
+og.Generator per request in turn ("sequential"), all requests on one og.Engine ("batched"), and
+all on one batched og.Generator of N rows ("generator": what the agent's groups do).
 MQTT side: a private mosquitto and `edge-agent run`; the N requests are published together and
 timed from the first publish to the last answer. Memory: the daemon and its inference child
 after the run, against a bare process that loads the same model, builds the same batching engine
@@ -62,6 +63,21 @@ def one(seed=True):
     end = time.perf_counter()
     return out, (out - 1) / (end - first), created
 engine = og.Engine(model) if mode in ("batched", "bare-batched") else None
+eos = json.load(open(folder + "/genai_config.json"))["model"]["eos_token_id"]
+eos = set(eos if isinstance(eos, list) else [eos])
+def generator_batch():
+    p = og.GeneratorParams(model)
+    p.set_search_options(max_length=len(ids) + tokens, do_sample=False, random_seed=0, batch_size=n)
+    g = og.Generator(model, p)
+    g.append_tokens(np.tile(ids, (n, 1)))
+    got, live = 0, [True] * n
+    while not g.is_done():
+        g.generate_next_token()
+        for row, token in enumerate(g.get_next_tokens()):
+            if live[row]:  # counted as one() counts: every step up to and with its end token
+                got += 1
+                live[row] = int(token) not in eos
+    return got
 def batched():
     buf = engine.create_event_buffer(256)
     requests = []  # held: a request the engine's caller drops is gone
@@ -87,9 +103,10 @@ if mode == "sequential":
     print(json.dumps({"tokens": total, "seconds": seconds, "single_tps": sorted(single)[3],
                       "generator_ms_seeded": sorted(created_seeded)[2],
                       "generator_ms_unseeded": sorted(created_plain)[2]}))
-elif mode == "batched":
-    batched()
-    started = time.perf_counter(); total = batched(); seconds = time.perf_counter() - started
+elif mode in ("batched", "generator"):
+    run = batched if mode == "batched" else generator_batch
+    run()
+    started = time.perf_counter(); total = run(); seconds = time.perf_counter() - started
     print(json.dumps({"tokens": total, "seconds": seconds}))
 else:  # bare: load and answer what the agent answered in this bench, then report memory
     if engine is not None:  # the agent's warm-up group and two batches of n
@@ -137,7 +154,7 @@ def mqtt(model: Path, n: int, tokens: int) -> dict[str, Any]:
                           Path(f"/proc/{agent.proc.pid}/status").read_text().splitlines() if line.startswith("VmRSS:"))
         paths = [line.get("path") for line in agent.log_lines() if line.get("event") == "request.done"][-n:]
         return {"tokens": sum(a["usage"]["completion_tokens"] for a in answers), "seconds": seconds,
-                "ok": all(a["ok"] for a in answers), "batched": paths.count("batch"),
+                "ok": all(a["ok"] for a in answers), "batched": paths.count("batch"), "grouped": paths.count("group"),
                 "single_tps": sorted(a["timings"]["tokens_per_s"] for a in singles)[3],
                 "single_ttft_ms": sorted(a["timings"]["ttft_ms"] for a in singles)[3], "rss": rss,
                 "daemon_rss": daemon_rss, "pss": pss}
@@ -160,16 +177,19 @@ def main() -> int:
     agent = mqtt(model, n, tokens)
     sequential = raw(model, "sequential", n, tokens)
     batched = raw(model, "batched", n, tokens)
+    generator = raw(model, "generator", n, tokens)
     bare = raw(model, "bare", 1, tokens)
     bare_batched = raw(model, "bare-batched", n, tokens)
     rate = {name: r["tokens"] / r["seconds"] for name, r in
-            (("mqtt", agent), ("sequential", sequential), ("batched", batched))}
+            (("mqtt", agent), ("sequential", sequential), ("batched", batched), ("generator", generator))}
     result = {
         "model": model.name, "concurrent": n, "tokens": tokens,
         "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
         "mqtt_over_sequential": round(rate["mqtt"] / rate["sequential"], 2),
         "batched_over_sequential": round(rate["batched"] / rate["sequential"], 2),
-        "answers_ok": agent["ok"], "answers_batched": agent["batched"],
+        "generator_over_sequential": round(rate["generator"] / rate["sequential"], 2),
+        "mqtt_over_generator": round(rate["mqtt"] / rate["generator"], 3),
+        "answers_ok": agent["ok"], "answers_batched": agent["batched"], "answers_grouped": agent["grouped"],
         "single_tps": {"mqtt": agent["single_tps"], "raw": round(sequential["single_tps"], 1)},
         "single_mqtt_over_raw": round(agent["single_tps"] / sequential["single_tps"], 3),
         "single_ttft_ms_mqtt": agent["single_ttft_ms"],

@@ -4,6 +4,7 @@
     python scripts/build_test_models.py tiny       # tiny random-weight Phi-3-style model
     python scripts/build_test_models.py tiny-vision  # tiny random Phi-3.5-vision-style model
     python scripts/build_test_models.py smollm2    # real SmolLM2-135M-Instruct, int4
+    python scripts/build_test_models.py phi35-2l   # Phi-3.5-mini-shaped, 2 layers, random, int4 (bench)
 
 The last line printed on stdout is the model folder. A model is rebuilt only when its
 recipe version changes (the version is part of the folder name) or the folder is
@@ -26,7 +27,8 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # the builder loads the run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RECIPES = {"tiny": "testmodels.tiny_phi3", "smollm2": "testmodels.smollm2", "tiny-vision": "testmodels.tiny_phi3v"}
+RECIPES = {"tiny": "testmodels.tiny_phi3", "smollm2": "testmodels.smollm2", "tiny-vision": "testmodels.tiny_phi3v",
+           "phi35-2l": "testmodels.phi35_shape"}  # the last for bench/fit.py only, built on demand
 COMPLETE_MARKER = ".complete"
 
 

@@ -75,4 +75,4 @@ def parts_info(agent: Agent, snapshot: Snapshot) -> dict[str, Any]:
             "history": agent.history.info() if snapshot.settings.history.enabled else None,
             "remote": engine.info() if isinstance(engine, OpenAIServer) else None,
             "overflow": snapshot.overflow.info() if snapshot.overflow is not None else None,
-            "memory": memory.summary(engine.reserved_bytes) if memory is not None else None}
+            "memory": memory.summary(engine.reserved_bytes, engine.loaded_bytes) if memory is not None else None}

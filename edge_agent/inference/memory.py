@@ -8,8 +8,13 @@
   available at start, less a reserve for the rest of the box.
 - The CPU batching engine keeps one fixed cache for its group from the load on; it gets at most
   half of what the weights leave, or a shorter `batch_max_length`, or batching goes off.
+- Reading a prompt, the runtime computes logits for every prompt token (vocabulary × 4 bytes a
+  token, float32): held until the first token, then freed (measured: bench/FIT.md).
 What is left is the caches' budget: the inference child admits a request only when its cache
-(prompt + max_tokens) fits in it (child/core.py)."""
+(prompt + max_tokens) and its prompt's logits fit in it (child/core.py). The file size is a
+guess of what the loaded model holds (measured: twice it for SmolLM2, the runtime repacks int4
+weights; less for a model whose float embeddings stay mapped from the file, untouched): the
+child measures what the load took and takes what exceeds the plan off the caches' budget."""
 
 from __future__ import annotations
 
@@ -38,6 +43,11 @@ class Shape:
     kv_heads: int
     head_size: int
     element_bytes: int
+    vocab: int = 0
+
+    @property
+    def logits_bytes_per_token(self) -> int:
+        return self.vocab * 4  # the builder's models put out float32 logits on every provider
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -54,22 +64,32 @@ class MemoryPlan:
     batch_max_length: int
     batch_cache_bytes: int  # the batching engine's fixed group cache (0: batching off)
     batching_note: str | None  # why the plan shortened or turned off batching
+    logits_bytes_per_token: int = 0  # a prompt's logits while it is read
+
+    @property
+    def load_bytes(self) -> int:
+        """What the plan expects the loaded model to hold before any request: the weights and
+        the batching engine's group cache (the child warms it at load)."""
+        return self.weights_bytes + self.batch_cache_bytes
 
     @property
     def cache_budget_bytes(self) -> int:
         """What requests' own caches may take at once."""
         return max(0, self.budget_bytes - self.weights_bytes - self.batch_cache_bytes)
 
-    def summary(self, reserved_bytes: int = 0) -> dict[str, Any]:
-        """The status's and stats' `memory` (`reserved_mb`: caches held now)."""
+    def summary(self, reserved_bytes: int = 0, loaded_bytes: int = 0) -> dict[str, Any]:
+        """The status's and stats' `memory` (`reserved_mb`: caches held now; `loaded_mb`: what
+        the load took, measured in the inference process; 0 before it)."""
         return {"budget_mb": _mb(self.budget_bytes), "weights_mb": _mb(self.weights_bytes),
                 "kv_bytes_per_token": self.kv_bytes_per_token,
+                "logits_bytes_per_token": self.logits_bytes_per_token, "loaded_mb": _mb(loaded_bytes),
                 "reserved_mb": _mb(self.batch_cache_bytes + reserved_bytes)}
 
     def explain(self) -> list[str]:
         lines = [f"memory budget: {_mb(self.budget_bytes)} MB ({self.budget_source})",
                  f"model weights: {_mb(self.weights_bytes)} MB",
                  f"cache per token: {self.kv_bytes_per_token} bytes",
+                 f"logits per prompt token, while it is read: {self.logits_bytes_per_token} bytes",
                  f"batching engine's cache: {_mb(self.batch_cache_bytes)} MB"
                  + (f" (batch_max_length {self.batch_max_length})" if self.batching else " (batching off)"),
                  f"left for requests' caches: {_mb(self.cache_budget_bytes)} MB "
@@ -88,7 +108,8 @@ def model_shape(genai_config: dict[str, Any], provider: str) -> Shape:
         head_size = int(decoder.get("head_size") or int(decoder["hidden_size"]) // heads)
     except (KeyError, ValueError, ZeroDivisionError, TypeError) as exc:
         raise ModelLoadError(f"genai_config.json has no usable decoder shape ({exc})") from None
-    return Shape(layers, kv_heads, head_size, 2 if provider.lower() in GPU_PROVIDERS else 4)
+    vocab = int(genai_config.get("model", {}).get("vocab_size") or 0)
+    return Shape(layers, kv_heads, head_size, 2 if provider.lower() in GPU_PROVIDERS else 4, vocab)
 
 
 def weights_bytes(folder: Path) -> int:
@@ -155,7 +176,8 @@ def plan(folder: Path, provider: str, memory_mb: float, batching: bool, batch_ma
                         f"{_mb(budget - weights)} MB the weights leave (inference.memory_mb)")
                 batching = False
         group_bytes = per_length * length if batching else 0
-    return MemoryPlan(budget, source, weights, shape.kv_bytes_per_token, batching, length, group_bytes, note)
+    return MemoryPlan(budget, source, weights, shape.kv_bytes_per_token, batching, length, group_bytes, note,
+                      shape.logits_bytes_per_token)
 
 
 def _mb(value: int) -> float:

@@ -58,6 +58,7 @@ class LocalInference:
         self.folder = folder
         self.memory = memory  # the plan this model was loaded under (None: no budget)
         self.reserved_bytes = 0  # requests' caches held in the child now (its "memory" events)
+        self.loaded_bytes = 0  # what the child's load took, as it measured it
         # A request with no deadline of its own is stuck once it runs longer than this
         # (limits.max_timeout_s) plus the grace: ended here, before the systemd watchdog would
         # restart the whole daemon for it.
@@ -65,10 +66,14 @@ class LocalInference:
         self.stuck_grace_s = stuck_grace_s
         if memory is not None:
             batching, batch_max_length = memory.batching, memory.batch_max_length
-        self._spec = LoadSpec(str(folder), provider, tuple(fallback), dict(provider_options or {}),
-                              log_level, log_format, batching, batch_wait_s, batch_max_length,
-                              memory.cache_budget_bytes if memory else None,
-                              memory.kv_bytes_per_token if memory else 0, prefix_cache)
+        self._spec = LoadSpec(folder=str(folder), provider=provider, fallback=tuple(fallback),
+                              provider_options=dict(provider_options or {}), log_level=log_level,
+                              log_format=log_format, batching=batching, batch_wait_s=batch_wait_s,
+                              batch_max_length=batch_max_length,
+                              cache_budget_bytes=memory.cache_budget_bytes if memory else None,
+                              kv_bytes_per_token=memory.kv_bytes_per_token if memory else 0,
+                              logits_bytes_per_token=memory.logits_bytes_per_token if memory else 0,
+                              planned_load_bytes=memory.load_bytes if memory else 0, prefix_cache=prefix_cache)
         self.name = folder.name
         self.supports_images = takes_images(read_genai_config(folder))  # fails early on a bad folder
         self.context_length: int | None = None
@@ -101,9 +106,9 @@ class LocalInference:
             self._adopt(self._start())
 
     def warm_up(self) -> Generation:
-        """A short generation; with batching, a full group at once: the batch path is warm and
-        its cache (the runtime sizes it to the largest group it has run) is all there at
-        `ready`, instead of growing under the first burst."""
+        """A short generation; with batching, a full group at once: the group path is warm at
+        `ready` (the child warmed the batching engine's cache, which the runtime sizes to the
+        largest group it has run, as it loaded)."""
         work = Work(({"role": "user", "content": "Hello"},), GenerationParams(WARMUP_TOKENS))
         handles = [self.submit(work) for _ in range(self.batch_group if self.batching != "off" else 1)]
         return [handle.result() for handle in handles][0]
@@ -201,6 +206,7 @@ class LocalInference:
         self.supports_images = info.supports_images
         self.batching, self.batching_reason, self.batch_group = info.batching, info.batching_reason, info.batch_group
         self.reserved_bytes = 0  # a new child holds no request's cache yet
+        self.loaded_bytes = info.loaded_bytes
         note = self.memory.batching_note if self.memory is not None else None
         if note:  # the plan shortened the batch cache, or turned batching off: say so, not the setting
             self.batching_reason = f"memory plan: {note}" if info.batching == "off" else \

@@ -77,7 +77,7 @@ class Generation:
         return (self.completion_tokens - 1) / ((self.generate_ms - self.ttft_ms) / 1000)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by name: two branches each added a field at the end
 class LoadSpec:
     """What the child loads: the daemon's first message to it."""
 
@@ -95,6 +95,8 @@ class LoadSpec:
     cache_budget_bytes: int | None = None
     kv_bytes_per_token: int = 0
     prefix_cache: bool = True  # keep finished generators' caches to continue a shared prompt prefix
+    logits_bytes_per_token: int = 0  # a prompt's logits, held while it is read
+    planned_load_bytes: int = 0  # what the plan expects the load to take: more comes off the caches' budget
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class LoadedInfo:
     batching: str  # "dynamic", "static" or "off"
     batching_reason: str
     batch_group: int
+    loaded_bytes: int = 0  # what the load took (resident memory), the batching engine's warm group included
 
 
 @dataclass(frozen=True)

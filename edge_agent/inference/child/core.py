@@ -4,12 +4,16 @@ Two paths, chosen per request (never changing what it asked for):
 - single: a generator of its own (og.Generator). Images, a `seed` where the batch refuses it,
   prompts longer than the batch's cache, runtimes without the engine, and a request that finds
   nothing else to share with (alone it is fastest here: FACTS.md).
+- group: requests that start together with the same decoding options, on one batched
+  generator (group.py): faster than og.Engine's fixed groups of 4 on CPU, its cache sized to them.
 - batch: the runtime's og.Engine. "dynamic" (paged attention) takes newcomers at any step;
   "static" (CPU) runs fixed groups, so a request that finds the engine idle waits `wait_s` for
-  others to arrive and start with it; later ones wait for the running group.
-A request on a generator of its own holds a cache of prompt + budget tokens: with a memory
-budget it starts only when that cache fits in what is left (requests wait in order, so none is
-passed for ever); one that could never fit fails at once (TooLarge).
+  others to arrive and start with it (as a group where it can); later ones, and what a group
+  cannot take (guidance, other options), go to og.Engine.
+A request on a generator of its own (or a group) holds a cache of prompt + budget tokens, and its
+prompt's logits until the first token: with a memory budget it starts only when that fits in
+what is left (requests wait in order, so none is passed for ever); one that could never fit
+fails at once (TooLarge).
 With prefix reuse (prefix.py), finished single generators are kept, their caches still counted
 as held, until a request continues one or needs their room (least recently used first); a
 request that shares a long prefix with one goes to the single path.
@@ -26,6 +30,7 @@ from typing import Any, Protocol
 import onnxruntime_genai as og
 
 from edge_agent.errors import AgentError, Timeout, TooLarge
+from edge_agent.inference.child.group import ADOPT_TOKENS, GROUP_MAX, Groups, split
 from edge_agent.inference.child.prefix import PREFIX_OVER_BATCH, PrefixCache, reusable, reusable_length
 from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
                                         FINISH_STOP, Generation, GenerationParams, Work)
@@ -65,12 +70,14 @@ class Model(Protocol):
     batching: Batching
     eos_ids: frozenset[int]
     context_length: int | None
+    can_group: bool  # batched generators (group.py) for requests that start together
 
     def prepare(self, work: Work) -> Prompt: ...
     def token_stream(self) -> Any: ...
     def fits_batch(self, work: Work, prompt: Prompt) -> bool: ...
     def generator(self, prompt: Prompt, params: GenerationParams, max_length: int) -> Any: ...
     def batch_turn(self, prompt: Prompt, params: GenerationParams) -> tuple[Any, Any]: ...
+    def group_generator(self, rows: list[tuple[Prompt, list[int]]], params: GenerationParams) -> Any: ...
 
 
 class Run:
@@ -80,6 +87,7 @@ class Run:
         self.rid, self.work, self.prompt, self.path = rid, work, prompt, path
         self.received = received
         self.pieces: list[str] = []
+        self.tokens: list[int] = []  # the ids of the pieces: a group that adopts it prefills them
         self.ttft_ms: float | None = None
         self._stream = stream
         self.finish: str | None = None  # set when it ended
@@ -90,6 +98,7 @@ class Run:
         self.lone = False  # came to an idle engine after a quiet spell: waits for no company
         self.max_length = prompt.length + prompt.budget  # single path: its generator's
         self.reserved = 0  # single path: bytes of cache counted as held for it
+        self.logits = 0  # single path: bytes of its prompt's logits, counted as held until its first token
         self.cached = 0  # prompt tokens continued from a kept cache
 
     def take(self, token: int, eos_ids: frozenset[int]) -> str | None:
@@ -100,6 +109,7 @@ class Run:
             self.finish = FINISH_STOP
             return None
         piece = self._stream.decode(token)
+        self.tokens.append(token)
         self.pieces.append(piece)
         return piece
 
@@ -115,34 +125,40 @@ class Run:
 class Core:
     def __init__(self, engine: Model, wait_s: float = DEFAULT_BATCH_WAIT_S, *,
                  cache_budget_bytes: int | None = None, kv_bytes_per_token: int = 0,
-                 prefix_cache: bool = False) -> None:
+                 logits_bytes_per_token: int = 0, prefix_cache: bool = False) -> None:
         self._engine = engine
         self._wait_s = wait_s
         self._cache_budget = cache_budget_bytes
         self._kv_bytes = kv_bytes_per_token
-        self._reserved = 0  # bytes of the caches of the single runs and of those kept
+        self._logits_bytes = logits_bytes_per_token  # a prompt's logits, held until its first token
+        self._reserved = 0  # bytes of the caches of the single runs, the groups and the kept generators
         # rewind_to: onnxruntime-genai 0.6+
         self._prefix = PrefixCache() if prefix_cache and hasattr(og.Generator, "rewind_to") else None
         self._reserved_said = 0
         self._waiting: list[Run] = []  # single runs waiting for their cache to fit, in order
         self._last_arrival = float("-inf")
         self._single: dict[int, Run] = {}
+        self._groups = Groups()  # batched generators of runs that started together
         self._batch: dict[int, Run] = {}  # rid -> run on the og.Engine
         self._by_request: dict[int, Run] = {}  # id(og.Request) -> run
         self._gathering: list[Run] = []  # static batching: waiting for the group to start
         self._gather_since = 0.0
+        # A static group starts once this many gathered (or the window passed): a batched
+        # generator takes more than og.Engine's fixed group.
+        self._full = GROUP_MAX if engine.can_group else engine.batching.group_size
         self._buffer = engine.og_engine.create_event_buffer(EVENT_BUFFER) if engine.og_engine else None
 
     @property
     def active(self) -> int:
-        return len(self._single) + len(self._batch) + len(self._gathering) + len(self._waiting)
+        return (len(self._single) + len(self._batch) + len(self._gathering) + len(self._waiting)
+                + len(self._groups.live()))
 
     def wait_time(self) -> float | None:
         """How long the loop may block waiting for messages: None = until one comes."""
-        if self._single or self._batch or self._waiting:
+        if self._single or self._batch or self._waiting or self._groups:
             return 0.0
         if self._gathering:
-            if len(self._gathering) >= self._engine.batching.group_size or self._lone_gathering():
+            if len(self._gathering) >= self._full or self._lone_gathering():
                 return 0.0  # a full group, or a lone request, starts now
             return max(0.0, self._gather_since + self._wait_s - time.monotonic())
         return None
@@ -177,6 +193,10 @@ class Core:
         if run is not None:
             self._release(run)
             return [("done", rid, run.result(FINISH_CANCELLED))]
+        run, freed = self._groups.cancel(rid)
+        if run is not None:
+            self._reserved -= freed
+            return [("done", rid, run.result(FINISH_CANCELLED))]
         run = next((r for r in (*self._gathering, *self._waiting) if r.rid == rid), None)
         if run is not None:
             (self._gathering if run in self._gathering else self._waiting).remove(run)
@@ -194,12 +214,15 @@ class Core:
         events: list[Event] = []
         now = time.monotonic()
         events.extend(self._expire(now))
-        group_full = len(self._gathering) >= self._engine.batching.group_size
+        group_full = len(self._gathering) >= self._full
         if self._gathering and (group_full or self._lone_gathering() or now - self._gather_since >= self._wait_s):
             events.extend(self._start_group())
         events.extend(self._admit_waiting())
         for run in list(self._single.values()):
             events.extend(self._step_single(run))
+        group_events, freed = self._groups.step(self._engine.eos_ids)
+        events.extend(group_events)
+        self._reserved -= freed
         if self._buffer is not None and self._engine.og_engine.has_pending_requests():
             events.extend(self._step_batch())
         elif self._batch:  # never seen; without this the loop would spin on them for ever
@@ -211,7 +234,10 @@ class Core:
         return events
 
     def _lone_gathering(self) -> bool:
-        return len(self._gathering) == 1 and self._gathering[0].lone and not self._single and not self._batch
+        return len(self._gathering) == 1 and self._gathering[0].lone and not self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self._single or self._batch or self._groups)
 
     def run_one(self, work: Work) -> Generation:
         """Generate one request to the end (warm-up, tools, tests): raises what it fails with."""
@@ -224,10 +250,30 @@ class Core:
         return value  # type: ignore[no-any-return]
 
     def _start_group(self) -> list[Event]:
-        group, self._gathering = self._gathering, []
-        alone = len(group) == 1 and not self._batch and not self._single
-        # alone after all: its own generator is fastest
-        return [event for run in group for event in self._start(run, single=alone)]
+        """The gathered runs: batched generators for those that can share one, og.Engine for the
+        rest; one alone after all gets its own generator (fastest). A lone run that started on
+        its own a moment ago (the first of a burst) joins the group: two generators stepping
+        side by side cost nearly twice one batched step."""
+        rest, self._gathering = self._gathering, []
+        events: list[Event] = []
+        young = [run for run in self._single.values() if run.lone and len(run.tokens) <= ADOPT_TOKENS]
+        if self._engine.can_group and len(rest) + len(young) >= 2:
+            free = None
+            if self._cache_budget is not None:  # runs waiting for memory keep their turn
+                free = 0 if self._waiting else self._cache_budget - self._reserved
+            groups, rest = split([*young, *rest], kv_bytes=self._kv_bytes, free_bytes=free,
+                                 context=self._engine.context_length, logits_bytes=self._logits_bytes)
+            for members in groups:
+                for run in members:
+                    if self._single.pop(run.rid, None) is not None:
+                        self._release(run)  # its generator goes: the group prefills its tokens so far
+                opened, held = self._groups.open(self._engine, members, self._kv_bytes, self._logits_bytes)
+                self._reserved += held
+                events.extend(opened)
+                log.debug("inference.group_started", rids=[run.rid for run in members], reserved=self._reserved)
+            rest = [run for run in rest if run.rid not in self._single]  # a young one left out goes on
+        alone = len(rest) == 1 and not self._busy()
+        return events + [event for run in rest for event in self._start(run, single=alone)]
 
     def _start(self, run: Run, *, single: bool) -> list[Event]:
         return self._guarded(run, self._start_single if single else self._start_batch)
@@ -245,7 +291,8 @@ class Core:
 
     def fail_all(self, text: str) -> list[Event]:
         """The runtime raised where no request could be blamed: every request in flight fails."""
-        runs = [*self._single.values(), *self._batch.values(), *self._gathering, *self._waiting]
+        runs = [*self._single.values(), *self._batch.values(), *self._gathering, *self._waiting,
+                *self._groups.live()]
         for run in self._batch.values():
             try:
                 run.request.cancel_turn(run.turn)
@@ -255,6 +302,7 @@ class Core:
         self._batch.clear()
         self._gathering.clear()
         self._waiting.clear()
+        self._groups.clear()
         self._reserved = 0
         if self._prefix is not None:
             self._prefix.clear()
@@ -266,7 +314,8 @@ class Core:
             need = self._cache_bytes(run)
             if need > self._cache_budget:
                 tokens = run.prompt.length + run.prompt.budget
-                raise TooLarge(f"the request needs a cache of {tokens} tokens ({need / 2**20:.1f} MB); the memory "
+                raise TooLarge(f"the request needs a cache of {tokens} tokens and its prompt's logits "
+                               f"({need / 2**20:.1f} MB); the memory "
                                f"budget leaves {self._cache_budget / 2**20:.1f} MB for caches (inference.memory_mb)")
             if self._waiting or not self._room(run):
                 self._waiting.append(run)  # in order: none passes the one ahead
@@ -290,15 +339,21 @@ class Core:
             except BaseException:
                 self._reserved -= run.reserved
                 raise
+        run.logits = (run.prompt.length - run.cached) * self._logits_bytes  # only what it appends
+        self._reserved += run.logits
         self._single[run.rid] = run
         log.debug("inference.started", rid=run.rid, running=len(self._single), reserved=self._reserved,
                   cached=run.cached)
 
     def _cache_bytes(self, run: Run) -> int:
-        return (run.prompt.length + run.prompt.budget) * self._kv_bytes
+        """What it holds: its cache, and its prompt's logits until its first token."""
+        logits = run.prompt.length * self._logits_bytes if run.ttft_ms is None else 0
+        return (run.prompt.length + run.prompt.budget) * self._kv_bytes + logits
 
     def _release(self, run: Run, *, keep: bool = False) -> None:
         """`keep`: it ended well; its cache stays held, for a later prompt to continue."""
+        self._reserved -= run.logits
+        run.logits = 0
         if keep and self._prefix_usable(run):
             self._reserved -= self._prefix.keep(run.generator, run.max_length, run.reserved)
         else:
@@ -342,6 +397,8 @@ class Core:
         if generator.is_done():
             return self._end_single(run, run.finish or FINISH_LENGTH)
         generator.generate_next_token()
+        self._reserved -= run.logits  # the prompt was read: its logits are gone
+        run.logits = 0
         piece = run.take(int(generator.get_next_tokens()[0]), self._engine.eos_ids)
         events: list[Event] = [("token", run.rid, piece)] if piece is not None and run.work.stream else []
         if piece is None or len(run.pieces) >= run.prompt.budget:
@@ -395,6 +452,10 @@ class Core:
             del self._single[run.rid]
             self._release(run)
             events.append(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens")))
+        expired, freed = self._groups.expire(now)
+        self._reserved -= freed
+        events.extend(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens"))
+                      for run in expired)
         for run in [r for r in self._batch.values() if r.expired(now)]:
             del self._batch[run.rid]
             run.request.cancel_turn(run.turn)

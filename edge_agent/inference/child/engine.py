@@ -45,6 +45,8 @@ class OrtGenaiEngine:
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [eos])
         self.name = folder.name
         self.supports_images = takes_images(genai_config)
+        pad = model_section.get("pad_token_id")
+        self._pad_id = pad[0] if isinstance(pad, list) and pad else pad
         self._want_batching = batching
         # The runtime's default; models made by its builder share the buffer.
         self._shares_kv_buffer = bool(genai_config.get("search", {}).get("past_present_share_buffer", True))
@@ -81,9 +83,37 @@ class OrtGenaiEngine:
                         "or LlamaTokenizer, or use a newer onnxruntime-genai)")
             raise ModelLoadError(f"cannot load the tokenizer/processor of {self.folder}: {exc}{hint}") from exc
         self.batching = self._start_batching()
+        if self.batching.mode == "static":
+            self._warm_batch_group()
         log.info("model.loaded", model=self.name, provider=self.provider, reason=self.provider_reason,
                  context_length=self.context_length, batching=self.batching.mode,
                  batching_reason=self.batching.reason, ms=round((time.monotonic() - started) * 1000, 1))
+
+    @property
+    def can_group(self) -> bool:
+        """Batched generators for requests that start together (group.py): text models with a
+        pad token to pad their prompts with."""
+        return self._pad_id is not None and not self.supports_images
+
+    def _warm_batch_group(self) -> None:
+        """Run one full group of one-token turns: the static engine's cache (the runtime sizes it
+        to the largest group it has run) is all there from the load on, as the memory plan counts
+        it, not taken later by the first newcomer that joins a running group."""
+        ids = np.asarray(self._tokenizer.encode("Hello"), dtype=np.int32)
+        requests = []
+        try:
+            for _ in range(self.batching.group_size):
+                requests.append(self.og_engine.create_request())
+                options = og.TurnOptions(requests[-1])
+                options.set_max_generated_tokens(1)
+                options.set_do_sample(False)
+                requests[-1].begin_turn(ids, options)
+            buffer = self.og_engine.create_event_buffer(8 * self.batching.group_size)
+            while self.og_engine.has_pending_requests():
+                self.og_engine.run(buffer)
+        finally:
+            for request in requests:
+                request.close()
 
     def _batchable_runtime(self) -> bool:
         return self._want_batching and hasattr(og, "TurnOptions")
@@ -197,6 +227,24 @@ class OrtGenaiEngine:
             generator.set_inputs(prompt.inputs)
         else:
             generator.append_tokens(prompt.ids)
+        return generator
+
+    def group_generator(self, rows: Sequence[tuple[Prompt, Sequence[int]]], params: GenerationParams) -> Any:
+        """One batched generator for requests that share these options. Row i is rows[i]: a
+        prompt and the tokens it generated so far (none for a new one), padded on the right with
+        the pad token (as the runtime's encode_batch pads)."""
+        tokens = [np.concatenate([prompt.ids, np.asarray(done, dtype=np.int32)]) for prompt, done in rows]
+        longest = max(len(row) for row in tokens)
+        most = max(prompt.budget - len(done) for prompt, done in rows)
+        search = og.GeneratorParams(self._model)
+        options = params.search_options()
+        options.setdefault("random_seed", GREEDY_SEED if not params.sampling else secrets.randbits(31))
+        search.set_search_options(max_length=longest + most, batch_size=len(rows), **options)
+        ids = np.full((len(rows), longest), self._pad_id, dtype=np.int32)
+        for row, row_tokens in zip(ids, tokens):
+            row[:len(row_tokens)] = row_tokens
+        generator = og.Generator(self._model, search)
+        generator.append_tokens(ids)
         return generator
 
     def batch_turn(self, prompt: Prompt, params: GenerationParams) -> tuple[Any, Any]:

@@ -24,7 +24,10 @@ from typing import Any
 
 from edge_agent import log as logging_setup
 from edge_agent.errors import AgentError, ModelLoadError
-from edge_agent.inference.types import LoadedInfo
+from edge_agent.inference.types import LoadedInfo, LoadSpec
+from edge_agent.log import get_logger
+
+log = get_logger("inference")
 
 PARENT_CHECK_S = 1.0
 _GONE = ("stop",)
@@ -65,20 +68,40 @@ def serve(conn: Connection) -> None:
 
     engine = OrtGenaiEngine(Path(spec.folder), spec.provider, spec.fallback, spec.provider_options,
                             batching=spec.batching, batch_max_length=spec.batch_max_length)
+    before = _resident_bytes()
     try:
         engine.load()
     except (ModelLoadError, AgentError) as exc:
         conn.send(("error", exc))
         return
+    loaded = max(0, _resident_bytes() - before)
     b = engine.batching
     conn.send(("loaded", LoadedInfo(engine.provider, engine.provider_reason, engine.provider_attempts,
                                     engine.context_length, engine.supports_images,
-                                    b.mode, b.reason, b.group_size)))
-    core = Core(engine, spec.batch_wait_s, cache_budget_bytes=spec.cache_budget_bytes,
-                kv_bytes_per_token=spec.kv_bytes_per_token, prefix_cache=spec.prefix_cache)
+                                    b.mode, b.reason, b.group_size, loaded)))
+    core = Core(engine, spec.batch_wait_s, cache_budget_bytes=_cache_budget(spec, loaded),
+                kv_bytes_per_token=spec.kv_bytes_per_token, logits_bytes_per_token=spec.logits_bytes_per_token,
+                prefix_cache=spec.prefix_cache)
     inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
     threading.Thread(target=_read, args=(conn, inbox), name="child-reader", daemon=True).start()
     _loop(conn, core, inbox)
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return 0  # not Linux: the plan's figures stand
+
+
+def _cache_budget(spec: LoadSpec, loaded: int) -> int | None:
+    """The caches' budget less what the load took beyond the plan (the file size is a guess)."""
+    over = loaded - spec.planned_load_bytes
+    log.info("memory.loaded", loaded_mb=round(loaded / 2**20, 1), planned_mb=round(spec.planned_load_bytes / 2**20, 1))
+    if spec.cache_budget_bytes is None or over <= 0:
+        return spec.cache_budget_bytes
+    return max(0, spec.cache_budget_bytes - over)
 
 
 def _loop(conn: Connection, core: Any, inbox: queue.SimpleQueue[tuple[Any, ...]]) -> None:
