@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import onnxruntime_genai as og
 
 from edge_agent.errors import AgentError, Timeout, TooLarge
+from edge_agent.inference.child.engine_runs import EngineRuns
 from edge_agent.inference.child.group import ADOPT_TOKENS, GROUP_MAX, Groups, split
 from edge_agent.inference.child.prefix import PREFIX_OVER_BATCH, PrefixCache, reusable, reusable_length
 from edge_agent.inference.types import (DEFAULT_BATCH_WAIT_S, FINISH_CANCELLED, FINISH_LENGTH,
@@ -38,7 +39,6 @@ from edge_agent.log import get_logger
 
 log = get_logger("inference")
 Event = tuple[str, int, Any]
-EVENT_BUFFER = 256
 
 
 @dataclass(frozen=True)
@@ -139,14 +139,12 @@ class Core:
         self._last_arrival = float("-inf")
         self._single: dict[int, Run] = {}
         self._groups = Groups()  # batched generators of runs that started together
-        self._batch: dict[int, Run] = {}  # rid -> run on the og.Engine
-        self._by_request: dict[int, Run] = {}  # id(og.Request) -> run
+        self._batch = EngineRuns(engine.og_engine)  # runs on the og.Engine
         self._gathering: list[Run] = []  # static batching: waiting for the group to start
         self._gather_since = 0.0
         # A static group starts once this many gathered (or the window passed): a batched
         # generator takes more than og.Engine's fixed group.
         self._full = GROUP_MAX if engine.can_group else engine.batching.group_size
-        self._buffer = engine.og_engine.create_event_buffer(EVENT_BUFFER) if engine.og_engine else None
 
     @property
     def active(self) -> int:
@@ -201,10 +199,8 @@ class Core:
         if run is not None:
             (self._gathering if run in self._gathering else self._waiting).remove(run)
             return [("done", rid, run.result(FINISH_CANCELLED))]
-        run = self._batch.pop(rid, None)
+        run = self._batch.cancel(rid)
         if run is not None:
-            run.finish = FINISH_CANCELLED  # its CANCELLED event later only closes it
-            run.request.cancel_turn(run.turn)
             return [("done", rid, run.result(FINISH_CANCELLED))]
         log.info("inference.cancel_unknown", rid=rid)
         return []
@@ -223,11 +219,7 @@ class Core:
         group_events, freed = self._groups.step(self._engine.eos_ids)
         events.extend(group_events)
         self._reserved -= freed
-        if self._buffer is not None and self._engine.og_engine.has_pending_requests():
-            events.extend(self._step_batch())
-        elif self._batch:  # never seen; without this the loop would spin on them for ever
-            lost, self._batch = self._batch, {}
-            events.extend(("failed", rid, "the batching engine lost the request") for rid in lost)
+        events.extend(self._batch.step(self._engine.eos_ids))
         if self._reserved != self._reserved_said:
             self._reserved_said = self._reserved
             events.append(("memory", 0, self._reserved))
@@ -291,13 +283,8 @@ class Core:
 
     def fail_all(self, text: str) -> list[Event]:
         """The runtime raised where no request could be blamed: every request in flight fails."""
-        runs = [*self._single.values(), *self._batch.values(), *self._gathering, *self._waiting,
+        runs = [*self._single.values(), *self._batch.live(), *self._gathering, *self._waiting,
                 *self._groups.live()]
-        for run in self._batch.values():
-            try:
-                run.request.cancel_turn(run.turn)
-            except Exception:  # noqa: BLE001 - already failing; the child goes on for new work
-                pass
         self._single.clear()
         self._batch.clear()
         self._gathering.clear()
@@ -388,9 +375,7 @@ class Core:
 
     def _start_batch(self, run: Run) -> None:
         run.path = "batch"
-        run.request, run.turn = self._engine.batch_turn(run.prompt, run.work.params)
-        self._batch[run.rid] = run
-        self._by_request[id(run.request)] = run
+        self._batch.start(run, *self._engine.batch_turn(run.prompt, run.work.params))
 
     def _step_single(self, run: Run) -> list[Event]:
         generator = run.generator
@@ -410,36 +395,6 @@ class Core:
         self._release(run, keep=True)
         return [("done", run.rid, run.result(finish))]
 
-    def _step_batch(self) -> list[Event]:
-        events: list[Event] = []
-        for ev in self._engine.og_engine.run(self._buffer):
-            run = self._by_request.get(id(ev.request))
-            if run is None:
-                continue
-            flags = ev.flags
-            ended = run.rid not in self._batch  # cancelled or expired: only close it
-            if flags & og.EngineEventFlags.TOKEN and not ended:
-                piece = run.take(int(ev.token), self._engine.eos_ids)
-                if piece is not None and run.work.stream:
-                    events.append(("token", run.rid, piece))
-            if flags & (og.EngineEventFlags.TURN_FINISHED | og.EngineEventFlags.FAILED):
-                events.extend(self._end_batch(run, ev, ended))
-        return events
-
-    def _end_batch(self, run: Run, ev: Any, ended: bool) -> list[Event]:
-        self._by_request.pop(id(run.request), None)
-        run.request.close()
-        if ended:
-            return []
-        del self._batch[run.rid]
-        if ev.flags & og.EngineEventFlags.FAILED:
-            return [("failed", run.rid, f"the batching engine failed this request (error {ev.error_code})")]
-        reason = ev.finish_reason
-        finish = FINISH_STOP if reason in (og.FinishReason.EOS, og.FinishReason.STOP_STRING) else FINISH_LENGTH
-        if reason == og.FinishReason.CANCELLED:
-            finish = FINISH_CANCELLED
-        return [("done", run.rid, run.result(finish))]
-
     def _expire(self, now: float) -> list[Event]:
         events: list[Event] = []
         for run in [r for r in self._gathering if r.expired(now)]:
@@ -456,8 +411,6 @@ class Core:
         self._reserved -= freed
         events.extend(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens"))
                       for run in expired)
-        for run in [r for r in self._batch.values() if r.expired(now)]:
-            del self._batch[run.rid]
-            run.request.cancel_turn(run.turn)
+        for run in self._batch.expire(now):
             events.append(("failed", run.rid, Timeout(f"deadline passed after {len(run.pieces)} generated tokens")))
         return events
