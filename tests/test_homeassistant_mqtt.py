@@ -47,13 +47,15 @@ def test_discovery_is_retained_complete_and_refreshed_on_birth(broker: Broker, a
         assert all("p" in c and "uniq_id" in c for c in cmps.values())
         assert all("stat_t" in c for c in cmps.values() if c["p"] in ("sensor", "binary_sensor"))
         base = f"{agent.prefix}/{agent.device_id}"
-        by_topic = {c.get("stat_t") or c.get("cmd_t"): c for c in cmps.values()}
+        by_topic = {c.get("stat_t") or c.get("cmd_t") or c.get("img_t"): c for c in cmps.values()}
         assert by_topic[f"{base}/camera/yard/motion"]["p"] == "binary_sensor"
         assert by_topic[f"{base}/watch/door"]["p"] == "binary_sensor"  # a boolean change_key
         assert by_topic[f"{base}/watch/scene"]["p"] == "sensor"
         assert by_topic[f"{base}/ha/prompt"]["p"] == "text"
         assert by_topic[f"{base}/status"]["dev_cla"] == "connectivity"
-        assert len(cmps) == 8  # connectivity, tokens/s, queue depth, motion, 2 rules, prompt, answer
+        assert by_topic[f"{base}/watch/scene/snapshot"]["p"] == "image"  # what the model saw
+        # connectivity, tokens/s, queue depth, motion, 2 rules and their 2 snapshots, prompt, answer
+        assert len(cmps) == 10
         collect(ha, 1.0)  # the agent announces on connect and once ready: let both pass
         ha.publish("homeassistant/status", "online")  # HA's birth: it may have lost its state
         assert discovery(ha, agent) == doc
@@ -73,7 +75,9 @@ def test_a_removed_rule_removes_its_component_and_disabling_removes_the_device(
         agent.rewrite(watch={"door": RULES["door"]})
         after = discovery(ha, agent)
         removed = {cid for cid in before["cmps"] if after["cmps"][cid] == {"p": before["cmps"][cid]["p"]}}
-        assert removed == {cid for cid, c in before["cmps"].items() if c.get("stat_t", "").endswith("/watch/scene")}
+        assert removed == {cid for cid, c in before["cmps"].items()
+                           if c.get("stat_t", "").endswith("/watch/scene") or c.get("img_t", "").endswith("/watch/scene/snapshot")}
+        assert len(removed) == 2  # the rule's sensor and its snapshot image
         assert len(after["cmps"]) == len(before["cmps"])
         agent.rewrite(homeassistant={"enabled": False})
         topic, payload = None, None

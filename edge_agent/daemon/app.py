@@ -62,10 +62,11 @@ class Agent:
         self.scheduler = Scheduler(settings.limits.queue_size, run)
         self.delivery = Delivery(open_store(settings), lambda: self.snapshot.link,
                                  lambda: self.snapshot.settings.delivery.answer_qos)
-        self.history = History(settings.state_dir, lambda: history_bounds(self.snapshot.settings))
         topics = Topics(settings.mqtt.topic_prefix, settings.device_id)
         self.snapshot = Snapshot(settings, topics, request_limits(settings), self._new_link(settings, topics),
                                  self._new_handler(settings, make_engine(settings)), self._new_overflow(settings))
+        # After the snapshot: the history's writer thread reads its bounds from it at once.
+        self.history = History(settings.state_dir, lambda: history_bounds(self.snapshot.settings))
         self.intake = Intake(self.current, self.scheduler, self.delivery, self.in_flight, self.stats,
                              self._stopping.is_set, history=self.history)
         self.reports = Reports(self.current, self.status, self.stats, self.cameras.info, self.work_info,
