@@ -22,6 +22,7 @@ ARM_IMPLEMENTERS = {"0x41": "Arm", "0x4e": "NVIDIA", "0x51": "Qualcomm", "0x61":
 class Gpu:
     name: str
     memory_mb: int | None = None  # None: unknown (only nvidia-smi tells)
+    free_mb: int | None = None  # free when looked at (nvidia-smi); None: unknown
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,12 @@ def _proc_gpus(root: Path) -> list[Gpu]:
 
 
 def nvidia_smi(timeout: float = SMI_TIMEOUT_S) -> str | None:
-    """`nvidia-smi --query-gpu=name,memory.total` output, or None when absent or failing."""
+    """`nvidia-smi --query-gpu=name,memory.total,memory.free` output, or None when absent or failing."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
     try:
-        done = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+        done = subprocess.run([exe, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
                               capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -150,11 +151,16 @@ def nvidia_smi(timeout: float = SMI_TIMEOUT_S) -> str | None:
 
 
 def _smi_gpus(output: str | None) -> list[Gpu]:
+    """Lines of `name, total MB[, free MB]` ("[N/A]" where the driver does not say)."""
     gpus = []
     for line in (output or "").splitlines():
-        name, _, memory = line.rpartition(",")
-        if name.strip():
-            gpus.append(Gpu(name.strip(), int(memory) if memory.strip().isdigit() else None))
+        fields = [part.strip() for part in line.split(",")]
+        if len(fields) >= 3:
+            name, total, free = ", ".join(fields[:-2]), fields[-2], fields[-1]
+        else:
+            name, total, free = fields[0], fields[-1] if len(fields) > 1 else "", ""
+        if name:
+            gpus.append(Gpu(name, int(total) if total.isdigit() else None, int(free) if free.isdigit() else None))
     return gpus
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from edge_agent.errors import ConfigError
 from edge_agent.hardware import Gpu, Hardware, accelerator_candidates, detect
+from edge_agent.inference.memory import MB, RESERVE_MIN_BYTES, RESERVE_SHARE, plan as memory_plan
 
 INTEL_CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -126,3 +129,58 @@ def test_odd_nvidia_smi_output(tmp_path: Path, output: str | None) -> None:
 def test_this_box_is_detected_without_error() -> None:
     hw = detect()
     assert hw.machine and hw.describe()
+
+
+def test_nvidia_smi_free_memory(tmp_path: Path) -> None:
+    write(tmp_path, "proc/cpuinfo", INTEL_CPUINFO)
+    hw = detect(tmp_path, machine="x86_64", smi=lambda: "NVIDIA H100 80GB HBM3, 81559, 80010\nNVIDIA L4, 23034, [N/A]\n")
+    assert hw.nvidia_gpus == (Gpu("NVIDIA H100 80GB HBM3", 81559, 80010), Gpu("NVIDIA L4", 23034, None))
+
+
+# --- the memory plan's budget on a CUDA box (inference/memory.py) ------------------------------
+
+def model_folder(tmp_path: Path, weights_mb: int) -> Path:
+    """A model folder as the plan reads it: genai_config.json and a weights file of that size."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "genai_config.json").write_text(json.dumps({"model": {
+        "context_length": 4096, "vocab_size": 32064,
+        "decoder": {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                    "head_size": 96, "hidden_size": 3072}}}))
+    with open(folder / "model.onnx.data", "wb") as f:
+        f.truncate(weights_mb * MB)
+    return folder
+
+
+def discrete_gpu(free_mb: int) -> Hardware:
+    return Hardware("x86_64", "intel", "Xeon", nvidia_gpus=(Gpu("NVIDIA L4", 23034, free_mb),))
+
+
+def test_cuda_budget_is_the_gpus_free_memory_less_a_reserve(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path, 2200)
+    plan = memory_plan(folder, "cuda", 0, False, 1024, hardware=lambda: discrete_gpu(20000))
+    reserve = max(RESERVE_MIN_BYTES, int(20000 * MB * RESERVE_SHARE))
+    assert plan.budget_bytes == 20000 * MB - reserve
+    assert plan.budget_source.startswith("free memory of GPU 0 (NVIDIA L4)")
+    assert plan.kv_bytes_per_token == 2 * 32 * 32 * 96 * 2  # float16 on the GPU
+
+
+def test_a_full_gpu_is_a_settings_error_naming_both_figures(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path, 2200)
+    with pytest.raises(ConfigError, match=r"less than the model's weights alone, 2200.0 MB") as caught:
+        memory_plan(folder, "cuda", 0, False, 1024, hardware=lambda: discrete_gpu(1500))
+    assert "free memory of GPU 0" in str(caught.value.problems)
+
+
+def test_the_box_budget_where_the_gpu_says_nothing_or_shares_ram(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path, 1)
+    unknown = Hardware("x86_64", "intel", "Xeon", nvidia_gpus=(Gpu("NVIDIA L4", 23034, None),))
+    jetson = Hardware("aarch64", "arm", "Orin", jetson_model="NVIDIA Jetson AGX Orin",
+                      nvidia_gpus=(Gpu("Orin", None, 30000),))
+    for hw in (unknown, jetson):
+        plan = memory_plan(folder, "cuda", 0, False, 1024, hardware=lambda hw=hw: hw)
+        assert "GPU" not in plan.budget_source and plan.budget_source.startswith(("available memory", "cgroup"))
+    # A CPU provider never asks the GPU; inference.memory_mb wins over both.
+    never = lambda: pytest.fail("the hardware was looked at")  # noqa: E731
+    assert "GPU" not in memory_plan(folder, "cpu", 0, False, 1024, hardware=never).budget_source
+    assert memory_plan(folder, "cuda", 3000, False, 1024, hardware=never).budget_source == "inference.memory_mb"

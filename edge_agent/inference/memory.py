@@ -5,7 +5,8 @@
   from `genai_config.json`; float32 caches on CPU (int4 CPU models keep their KV in float32),
   float16 on the GPU providers.
 - The budget: `inference.memory_mb`, or (0) the box's: the cgroup limit, else the memory
-  available at start, less a reserve for the rest of the box.
+  available at start, less a reserve for the rest of the box; with a CUDA provider on a
+  discrete GPU, the GPU's free memory at start (nvidia-smi) less the same reserve.
 - The CPU batching engine keeps one fixed cache for its group from the load on; it gets at most
   half of what the weights leave, or a shorter `batch_max_length`, or batching goes off.
 - Reading a prompt, the runtime computes logits for every prompt token (vocabulary × 4 bytes a
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edge_agent.errors import ConfigError, ModelLoadError
+from edge_agent.hardware import Hardware, detect
 from edge_agent.inference.types import read_genai_config, takes_images
 
 MB = 1024 * 1024
@@ -32,6 +34,7 @@ RESERVE_SHARE = 0.10
 BATCH_GROUP = 4  # the runtime's CPU engine batches in fixed groups of 4 (FACTS.md)
 MIN_BATCH_LENGTH = 256  # shorter than this, a batch cache is not worth keeping
 GPU_PROVIDERS = frozenset({"cuda", "dml", "trt-rtx", "nvtensorrtrtx", "webgpu", "qnn"})
+NVIDIA_GPU_PROVIDERS = frozenset({"cuda", "trt-rtx", "nvtensorrtrtx"})  # the model goes to the GPU's own memory
 MODEL_SUFFIXES = (".onnx", ".onnx.data", ".data", ".bin")
 CGROUP_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 NO_LIMIT = 1 << 60  # cgroup v1 says "no limit" with a number near 2^63
@@ -116,6 +119,20 @@ def weights_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.endswith(MODEL_SUFFIXES))
 
 
+def gpu_budget_bytes(hw: Hardware) -> tuple[int, str] | None:
+    """A discrete NVIDIA GPU's free memory less the reserve (its CUDA context, other users);
+    None where the model's memory is the box's (a Jetson shares system RAM, no GPU listed)
+    or the driver does not say."""
+    if hw.is_jetson:
+        return None
+    free = [gpu.free_mb for gpu in hw.nvidia_gpus if gpu.free_mb is not None]
+    if not free:
+        return None
+    total = free[0] * MB  # the runtime's default device is the first GPU
+    reserve = max(RESERVE_MIN_BYTES, int(total * RESERVE_SHARE))
+    return max(0, total - reserve), f"free memory of GPU 0 ({hw.nvidia_gpus[0].name}) less {_mb(reserve)} MB"
+
+
 def box_budget_bytes() -> tuple[int, str]:
     """The cgroup's limit if it has one, else the memory available now, less the reserve."""
     total, source = _available_bytes(), "available memory"
@@ -141,14 +158,18 @@ def _available_bytes() -> int:
     return 1 << 40  # unknown: no limit from here
 
 
-def plan(folder: Path, provider: str, memory_mb: float, batching: bool, batch_max_length: int) -> MemoryPlan:
+def plan(folder: Path, provider: str, memory_mb: float, batching: bool, batch_max_length: int,
+         hardware: Callable[[], Hardware] = detect) -> MemoryPlan:
     """The plan for this model folder on this box. ConfigError when the budget cannot hold the
-    weights (it names both figures)."""
+    weights (it names both figures). `hardware`: looked at only for a CUDA provider."""
     config = read_genai_config(folder)
     shape = model_shape(config, provider)
     weights = weights_bytes(folder)
+    gpu = gpu_budget_bytes(hardware()) if not memory_mb and provider.lower() in NVIDIA_GPU_PROVIDERS else None
     if memory_mb:
         budget, source = int(memory_mb * MB), "inference.memory_mb"
+    elif gpu is not None:
+        budget, source = gpu
     else:
         budget, source = box_budget_bytes()
     if budget < weights:

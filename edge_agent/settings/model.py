@@ -169,7 +169,8 @@ class InferenceSettings(StrictModel):
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="CPU (static) batching: how long a "
                                  "request that finds the engine idle waits for others to start with it")
     memory_mb: float = Field(0, ge=0, le=16_777_216, description="memory for the model and its caches, "
-                             "in MB; 0: the box's (cgroup limit or available memory at start, less a reserve)")
+                             "in MB; 0: the box's (cgroup limit or available memory at start, less a reserve; a "
+                             "discrete GPU's free memory with provider cuda or trt-rtx)")
     batch_max_length: int = Field(1024, ge=64, le=131072, description="the batching engine's cache per "
                                   "request (prompt + answer tokens); longer requests run on their own generator")
     prefix_cache: bool = Field(True, description="keep the caches of the last greedy requests (up to 4, "
