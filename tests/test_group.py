@@ -30,6 +30,8 @@ def work(prompt: str, tokens: int, **params: Any) -> Work:
 def engine(smollm2_model: Path) -> OrtGenaiEngine:
     loaded = OrtGenaiEngine(smollm2_model, "cpu")
     loaded.load()
+    if loaded.batching.mode == "off":  # the Core gathers groups only where the runtime batches (0.16+)
+        pytest.skip(f"no batching here: {loaded.batching.reason}")
     assert loaded.batching.mode == "static" and loaded.can_group
     return loaded
 
