@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import Timeout
-from edge_agent.inference.child.core import Core, Prompt, Run
+from edge_agent.inference.child.core import Core
+from edge_agent.inference.child.run import Prompt, Run
 from edge_agent.inference.child.engine import OrtGenaiEngine
 from edge_agent.inference.child.group import GROUP_MAX, split
 from edge_agent.inference.types import FINISH_CANCELLED, Generation, GenerationParams, Guidance, Work

@@ -1,12 +1,12 @@
 """Everything that runs in the inference process, and the only code that imports onnxruntime_genai:
 `worker` (the process's loop over its pipe), `core.Core` (the scheduler: every request in flight
-advances a token per turn), `group` (requests started together on one batched generator),
-`engine_runs` (requests on the runtime's og.Engine), `prefix` (finished generators kept for
-prompt-prefix reuse; core imports these three), `engine.OrtGenaiEngine` (one loaded model; it
-imports core, never the reverse), `providers` (which execution provider loads it). The daemon
-starts `worker` as a process and never imports this package (only the CLI's `models` and
-`providers` commands do). Of the package it imports only `inference.types`, `errors`, `log` and
-`hardware`."""
+advances a token per turn), `run` (a request's progress), `group` (requests started together on
+one batched generator), `engine_runs` (requests on the runtime's og.Engine), `prefix` (finished
+generators kept for prompt-prefix reuse; core imports these four), `engine.OrtGenaiEngine` (one
+loaded model; it imports core, never the reverse), `providers` (which execution provider loads
+it). The daemon starts `worker` as a process and never imports this package (only the CLI's
+`models` and `providers` commands do). Of the package it imports only `inference.types`,
+`errors`, `log` and `hardware`."""
 
 import os
 

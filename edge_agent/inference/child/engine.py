@@ -16,7 +16,8 @@ import numpy as np
 import onnxruntime_genai as og
 
 from edge_agent.errors import BadRequest, ModelLoadError, TooLarge, Unsupported
-from edge_agent.inference.child.core import Batching, Core, Prompt
+from edge_agent.inference.child.core import Core
+from edge_agent.inference.child.run import Batching, Prompt
 from edge_agent.inference.child.providers import Attempt, choose_and_load, configured_providers
 from edge_agent.inference.types import (DEFAULT_BATCH_MAX_LENGTH, WARMUP_TOKENS, Generation,
                                         GenerationParams, Work, read_genai_config, takes_images)

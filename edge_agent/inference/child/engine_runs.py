@@ -5,30 +5,15 @@ made it (the child's main loop)."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import onnxruntime_genai as og
 
-from edge_agent.inference.types import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Generation, Work
+from edge_agent.inference.child.run import Run
+from edge_agent.inference.types import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 
 Event = tuple[str, int, Any]
 EVENT_BUFFER = 256
-
-
-class Run(Protocol):
-    """What this needs of a request's progress (core.Run; core imports this module)."""
-
-    rid: int
-    work: Work
-    prompt: Any  # core.Prompt
-    pieces: list[str]
-    finish: str | None
-    request: Any  # og.Request
-    turn: Any
-
-    def take(self, token: int, eos_ids: frozenset[int]) -> str | None: ...
-    def result(self, finish: str) -> Generation: ...
-    def expired(self, now: float) -> bool: ...
 
 
 class EngineRuns:

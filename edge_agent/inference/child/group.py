@@ -12,10 +12,11 @@ steps until no member is left, then goes with its cache."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Sequence
 
 from edge_agent.errors import AgentError
-from edge_agent.inference.types import FINISH_LENGTH, Generation, Work
+from edge_agent.inference.child.run import Run
+from edge_agent.inference.types import FINISH_LENGTH
 
 Event = tuple[str, int, Any]
 
@@ -26,23 +27,6 @@ GROUP_MAX = 16
 # many tokens: its prompt and those tokens are prefilled again in the group (cheap next to
 # stepping two generators for the rest of the answer).
 ADOPT_TOKENS = 32
-
-
-class Run(Protocol):
-    """What a group needs of a request's progress (core.Run; core imports this module)."""
-
-    rid: int
-    work: Work
-    prompt: Any  # core.Prompt: length, budget, ids
-    pieces: list[str]
-    tokens: list[int]  # generated so far: a run that joins a group late brings them
-    lone: bool
-    finish: str | None
-    path: str
-
-    def take(self, token: int, eos_ids: frozenset[int]) -> str | None: ...
-    def result(self, finish: str) -> Generation: ...
-    def expired(self, now: float) -> bool: ...
 
 
 def options_key(run: Run) -> tuple[Any, ...] | None:
