@@ -62,13 +62,13 @@ def _print_events(answer: dict[str, Any]) -> None:
 
 
 def _write_snapshot(args: argparse.Namespace) -> int:
-    from edge_agent.delivery.history import snapshot_file
+    from edge_agent.delivery.history import images_folder, snapshot_file
 
     if args.snapshot is None or args.out is None:
         print("edge-agent events: --snapshot ID and --out FILE go together", file=sys.stderr)
         return EXIT_USAGE
     settings, _ = load(args.config)
-    folder = settings.state_dir / "history"
+    folder = images_folder(settings.state_dir)
     source = snapshot_file(folder, args.snapshot)
     if source is None:
         print(f"edge-agent events: {args.snapshot[:80]!r} is not a snapshot id", file=sys.stderr)

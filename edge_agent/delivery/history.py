@@ -46,6 +46,11 @@ class Bounds:
     max_bytes: int
 
 
+def images_folder(state_dir: Path) -> Path:
+    """Where the history keeps its snapshots (the agent and `edge-agent events --snapshot`)."""
+    return state_dir / "history"
+
+
 def snapshot_file(folder: Path, snapshot_id: str) -> Path | None:
     """Where an event's JPEG lives (None: not an id that can name a file)."""
     return folder / f"{snapshot_id}.jpg" if SNAPSHOT_ID.fullmatch(snapshot_id) else None
@@ -181,7 +186,7 @@ class History:
 
     def __init__(self, state_dir: Path, bounds: Callable[[], Bounds], clock: Callable[[], float] = time.time,
                  *, queue_max: int = HISTORY_QUEUE_MAX) -> None:
-        self._db_path, self.images = state_dir / "history.db", state_dir / "history"
+        self._db_path, self.images = state_dir / "history.db", images_folder(state_dir)
         self._bounds = bounds
         self._clock = clock
         self._store: HistoryStore | None = None
