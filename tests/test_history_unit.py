@@ -103,6 +103,23 @@ def test_bounds_by_count_age_and_bytes_oldest_first_files_too(tmp_path: Path) ->
     assert 1000 < one < 1200  # the image counts with its row
 
 
+def test_events_the_bounds_remove_give_their_pages_back_to_the_disk(tmp_path: Path) -> None:
+    """Lowering `max_mb` shrinks the database file too: without auto-vacuum, SQLite keeps
+    freed pages in the file for later rows."""
+    clock = Clock()
+    db = tmp_path / "history.db"
+    store = HistoryStore(db, tmp_path / "history", clock)
+    for n in range(600):
+        store.add(HistoryEvent(f"watch-door-{n:04d}", "door", "yard", T0 - 600 + n, "schedule", "x" * 2000),
+                  None, WIDE)
+    store.close()  # the last connection's close checkpoints the write-ahead log into the file
+    full = db.stat().st_size
+    store = HistoryStore(db, tmp_path / "history", clock)
+    assert store.enforce(Bounds(10, 10 * DAY, 10**9)) == 590
+    store.close()
+    assert full > 1_000_000 and db.stat().st_size < full // 10, (full, db.stat().st_size)
+
+
 def test_a_query_filters_and_counts_and_the_history_survives_a_reopen(tmp_path: Path) -> None:
     clock = Clock()
     store = HistoryStore(tmp_path / "h.db", tmp_path / "img", clock)

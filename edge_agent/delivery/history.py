@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
 """
 COLUMNS = "id, rule, camera, at, trigger, text, json, changed, snapshot"
+WAL_LIMIT_BYTES = 4 * 1024 * 1024  # the write-ahead log is cut back to this after a checkpoint
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,12 @@ class HistoryStore:
         try:
             db_path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+            # Before the first table: pages the bounds free go back to the file system
+            # (`enforce`), so lowering `max_mb` shrinks the file, not only what it holds.
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
             self._db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the history {db_path}: {exc}") from exc
@@ -113,6 +118,8 @@ class HistoryStore:
                 self._db.execute("BEGIN")
                 self._db.executemany("DELETE FROM events WHERE id = ?", [(row[0],) for row in doomed])
                 self._db.execute("COMMIT")
+                # executescript steps it to the end: execute() frees one page only
+                self._db.executescript("PRAGMA incremental_vacuum;")
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
