@@ -31,7 +31,8 @@ EXPECTED = {
     "edge_agent_broker_connected", "edge_agent_outbox_messages", "edge_agent_ready",
     "edge_agent_model_info", "edge_agent_build_info", "edge_agent_inference_resident_memory_bytes",
     "edge_agent_inference_restarts_total", "edge_agent_camera_fps", "edge_agent_camera_frame_age_seconds",
-    "edge_agent_camera_reconnects_total", "edge_agent_camera_motion", "edge_agent_watch_runs_total",
+    "edge_agent_camera_reconnects_total", "edge_agent_camera_motion", "edge_agent_zone_motion",
+    "edge_agent_cached_prompt_tokens_total", "edge_agent_watch_runs_total",
     "edge_agent_remote_requests_total", "edge_agent_remote_circuit_open",
     "edge_agent_fleet_handed_back_total",
 }
