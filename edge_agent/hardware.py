@@ -155,10 +155,12 @@ def _smi_gpus(output: str | None) -> list[Gpu]:
     gpus = []
     for line in (output or "").splitlines():
         fields = [part.strip() for part in line.split(",")]
+        if len(fields) < 2:  # not a GPU's line ("No devices were found", a warning)
+            continue
         if len(fields) >= 3:
             name, total, free = ", ".join(fields[:-2]), fields[-2], fields[-1]
         else:
-            name, total, free = fields[0], fields[-1] if len(fields) > 1 else "", ""
+            name, total, free = fields[0], fields[1], ""
         if name:
             gpus.append(Gpu(name, int(total) if total.isdigit() else None, int(free) if free.isdigit() else None))
     return gpus

@@ -120,10 +120,10 @@ def test_device_node_without_driver_is_noted(tmp_path: Path) -> None:
     assert not hw.has_nvidia_gpu and "driver not loaded" in hw.notes[0]
 
 
-@pytest.mark.parametrize("output", ["", "garbage without comma\n", None])
+@pytest.mark.parametrize("output", ["", "garbage without comma\n", "No devices were found\n", None])
 def test_odd_nvidia_smi_output(tmp_path: Path, output: str | None) -> None:
     hw = detect(tmp_path, machine="x86_64", smi=lambda: output)
-    assert all(g.memory_mb is None for g in hw.nvidia_gpus)
+    assert not hw.nvidia_gpus and not hw.has_nvidia_gpu
 
 
 def test_this_box_is_detected_without_error() -> None:

@@ -123,14 +123,11 @@ def gpu_budget_bytes(hw: Hardware) -> tuple[int, str] | None:
     """A discrete NVIDIA GPU's free memory less the reserve (its CUDA context, other users);
     None where the model's memory is the box's (a Jetson shares system RAM, no GPU listed)
     or the driver does not say."""
-    if hw.is_jetson:
+    if hw.is_jetson or not hw.nvidia_gpus or hw.nvidia_gpus[0].free_mb is None:
         return None
-    free = [gpu.free_mb for gpu in hw.nvidia_gpus if gpu.free_mb is not None]
-    if not free:
-        return None
-    total = free[0] * MB  # the runtime's default device is the first GPU
-    reserve = max(RESERVE_MIN_BYTES, int(total * RESERVE_SHARE))
-    return max(0, total - reserve), f"free memory of GPU 0 ({hw.nvidia_gpus[0].name}) less {_mb(reserve)} MB"
+    gpu = hw.nvidia_gpus[0]  # the runtime's default device
+    budget, reserve = _less_reserve(gpu.free_mb * MB)
+    return budget, f"free memory of GPU 0 ({gpu.name}) less {_mb(reserve)} MB"
 
 
 def box_budget_bytes() -> tuple[int, str]:
@@ -144,8 +141,14 @@ def box_budget_bytes() -> tuple[int, str]:
         if text.isdigit() and int(text) < NO_LIMIT:
             total, source = min(total, int(text)), "cgroup limit"
             break
+    budget, reserve = _less_reserve(total)
+    return budget, f"{source} less {_mb(reserve)} MB for the rest of the box"
+
+
+def _less_reserve(total: int) -> tuple[int, int]:
+    """(what is left of `total`, the reserve kept from it)."""
     reserve = max(RESERVE_MIN_BYTES, int(total * RESERVE_SHARE))
-    return max(0, total - reserve), f"{source} less {_mb(reserve)} MB for the rest of the box"
+    return max(0, total - reserve), reserve
 
 
 def _available_bytes() -> int:

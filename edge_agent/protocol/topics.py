@@ -66,10 +66,6 @@ class Topics:
         """Retained: a watch rule's last published state."""
         return f"{self.base}/watch/{rule}"
 
-    def watch_snapshot(self, rule: str) -> str:
-        """Where a rule's snapshot (the JPEG its run saw) is named in the history's answers."""
-        return f"{self.base}/watch/{rule}/snapshot"
-
     def motion(self, camera: str) -> str:
         """Retained: `ON` or `OFF`."""
         return f"{self.base}/camera/{camera}/motion"
@@ -79,7 +75,8 @@ class Topics:
         return f"{self.base}/camera/{camera}/zone/{zone}/motion"
 
     def watch_snapshot(self, rule: str) -> str:
-        """Retained: the JPEG (raw bytes) the model saw at the rule's last published run."""
+        """Retained: the JPEG (raw bytes) the model saw at the rule's last published run; the
+        history's answers name an event's snapshot by this topic too."""
         return f"{self.base}/watch/{rule}/snapshot"
 
     @property
