@@ -115,11 +115,10 @@ class _Rule:
 
 
 class Watcher:
-    def __init__(self, submit: Submit, publish: Publish, topics: Callable[[], Any],
-                 clock: Callable[[], float] = time.monotonic, fit_jpeg: FitJpeg | None = None,
-                 record: Record | None = None) -> None:
+    def __init__(self, submit: Submit, publish: Publish, topics: Callable[[], Any], *, fit_jpeg: FitJpeg,
+                 record: Record, clock: Callable[[], float] = time.monotonic) -> None:
         self._submit = submit
-        self._fit_jpeg = fit_jpeg  # None: a snapshot over its size is not published
+        self._fit_jpeg = fit_jpeg  # a snapshot within its size (re-encoded smaller), or raises
         self._publish = publish
         self._record = record  # every published state goes to the history (never waits)
         self._topics = topics  # the current Topics (a reload may change the prefix)
@@ -296,8 +295,6 @@ class Watcher:
 
     def _keep(self, event: HistoryEvent, jpeg: bytes | None) -> None:
         """After the state is out: the history may fail or be full, the rule goes on."""
-        if self._record is None:
-            return
         try:
             self._record(event, jpeg)
         except Exception:  # noqa: BLE001 - the history never costs a rule its state
@@ -309,15 +306,11 @@ class Watcher:
         keeps the same) and what the state says of them; (None, None): no snapshot."""
         if jpeg is None or picture is None or not rule.settings.snapshot:
             return None, None
-        limit = rule.settings.snapshot_max_bytes
-        if len(jpeg) > limit:
-            try:
-                jpeg = self._fit_jpeg(jpeg, limit) if self._fit_jpeg is not None else b""
-            except Exception as exc:  # noqa: BLE001 - no picture is better than no state
-                log.warning("watch.snapshot_failed", rule=rule.name, reason=str(exc))
-                jpeg = b""
-            if not jpeg or len(jpeg) > limit:
-                return None, None
+        try:
+            jpeg = self._fit_jpeg(jpeg, rule.settings.snapshot_max_bytes)
+        except Exception as exc:  # noqa: BLE001 - no picture is better than no state
+            log.warning("watch.snapshot_failed", rule=rule.name, reason=str(exc))
+            return None, None
         topic = topics.watch_snapshot(rule.name)
         self._publish(topic, jpeg, True, content_type=SNAPSHOT_TYPE)
         return jpeg, {**picture, "topic": topic, "bytes": len(jpeg)}

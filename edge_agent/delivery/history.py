@@ -191,13 +191,12 @@ class History:
     history-writer thread and return at once. `bounds()` is read at every write (a reload may
     change them); the store opens on the thread, at the first step."""
 
-    def __init__(self, state_dir: Path, bounds: Callable[[], Bounds], clock: Callable[[], float] = time.time,
-                 *, queue_max: int = HISTORY_QUEUE_MAX) -> None:
+    def __init__(self, state_dir: Path, bounds: Callable[[], Bounds], clock: Callable[[], float] = time.time) -> None:
         self._db_path, self.images = state_dir / "history.db", images_folder(state_dir)
         self._bounds = bounds
         self._clock = clock
         self._store: HistoryStore | None = None
-        self._writer = Writer(maxsize=queue_max, name="history-writer")
+        self._writer = Writer(maxsize=HISTORY_QUEUE_MAX, name="history-writer")
         # written by the history-writer thread only; others read them (ints and a bool)
         self.degraded = False
         self.write_failures = 0

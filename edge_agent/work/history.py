@@ -33,7 +33,7 @@ Queue = Callable[[Job, Incoming, Snapshot], None]  # a question, on to the queue
 
 
 class HistoryRequests:
-    def __init__(self, lookup: HistoryLookup | None, answer: Answer, queue: Queue, reply_error: ReplyError) -> None:
+    def __init__(self, lookup: HistoryLookup, answer: Answer, queue: Queue, reply_error: ReplyError) -> None:
         self._lookup = lookup
         self._answer = answer
         self._queue = queue
@@ -42,7 +42,7 @@ class HistoryRequests:
     def take(self, job: Job, incoming: Incoming, snapshot: Snapshot) -> None:
         request = job.request
         assert request.history is not None
-        if self._lookup is None or not snapshot.settings.history.enabled:
+        if not snapshot.settings.history.enabled:
             self._reply_error(job.reply_topic, request, Unsupported(
                 "this agent keeps no event history ([history] enabled = false)"), incoming)
             return

@@ -36,8 +36,8 @@ HOPS_PROPERTY = "edge-agent-hops"
 
 class Intake:
     def __init__(self, current: Current, scheduler: Scheduler, delivery: Delivery, in_flight: InFlight,
-                 stats: Stats, stopping: Callable[[], bool], early_max: int = EARLY_MAX,
-                 history: HistoryLookup | None = None) -> None:
+                 stats: Stats, stopping: Callable[[], bool], *, history: HistoryLookup,
+                 early_max: int = EARLY_MAX) -> None:
         self._current = current
         self._scheduler = scheduler
         self._delivery = delivery
