@@ -269,9 +269,9 @@ class Core:
                   cached=run.cached)
 
     def _cache_bytes(self, run: Run) -> int:
-        """What it holds: its cache, and its prompt's logits until its first token."""
-        logits = run.prompt.length * self._logits_bytes if run.ttft_ms is None else 0
-        return (run.prompt.length + run.prompt.budget) * self._kv_bytes + logits
+        """What it needs to start (it has not yet): its cache, and its prompt's logits (held until
+        its first token)."""
+        return (run.prompt.length + run.prompt.budget) * self._kv_bytes + run.prompt.length * self._logits_bytes
 
     def _release(self, run: Run, *, keep: bool = False) -> None:
         """`keep`: it ended well; its cache stays held, for a later prompt to continue."""

@@ -213,13 +213,13 @@ class OrtGenaiEngine:
         return self._tokenizer.create_stream()
 
     # --- generators ----------------------------------------------------------------------
-    def generator(self, prompt: Prompt, params: GenerationParams, max_length: int | None = None) -> Any:
+    def generator(self, prompt: Prompt, params: GenerationParams, max_length: int) -> Any:
         """A generator of its own for one request, prompt already appended. `max_length` sizes
-        its KV buffer (default: what this request can use; the Core may ask more for reuse)."""
+        its KV buffer (the Run's: what this request can use, or more for reuse)."""
         search = og.GeneratorParams(self._model)
         options = params.search_options()
         options.setdefault("random_seed", GREEDY_SEED if not params.sampling else secrets.randbits(31))
-        search.set_search_options(max_length=max_length or prompt.length + prompt.budget, **options)
+        search.set_search_options(max_length=max_length, **options)
         if params.guidance is not None:
             set_guidance(search, params.guidance)
         with grammar_errors():  # the grammar is compiled here, not in set_guidance
