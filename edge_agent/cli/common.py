@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from edge_agent.settings.model import Settings
 
 EXIT_ANSWERED, EXIT_ERROR_ANSWER, EXIT_NO_ANSWER = 0, 1, 2
+EXIT_USAGE = 64  # sysexits EX_USAGE: options that do not go together
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -24,6 +25,16 @@ def load(config: str | None) -> tuple[Settings, ConfigSources]:
     from edge_agent.settings.files import load_settings  # here: --help and --version stay fast
 
     return load_settings(config)
+
+
+def broker_context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(settings, their MQTT settings with --host/--port applied, this agent's Topics)."""
+    from edge_agent.protocol import Topics
+
+    settings, _ = load(args.config)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    mqtt = settings.mqtt.model_copy(update=overrides)
+    return settings, mqtt, Topics(mqtt.topic_prefix, settings.device_id)
 
 
 def config_error(exc: ConfigError) -> int:

@@ -10,9 +10,9 @@ import shutil
 import sys
 from typing import Any
 
-from edge_agent.cli.common import EXIT_ERROR_ANSWER, Handler, load, send_and_print
+from edge_agent.cli.common import EXIT_ERROR_ANSWER, EXIT_USAGE, Handler, broker_context, load, send_and_print
 
-EXIT_OK, EXIT_USAGE = 0, 64
+EXIT_OK = 0
 
 
 def add_parsers(commands: Any, config_help: str) -> None:
@@ -38,19 +38,16 @@ def add_parsers(commands: Any, config_help: str) -> None:
 def cmd_events(args: argparse.Namespace) -> int:
     if args.snapshot is not None or args.out is not None:
         return _write_snapshot(args)
-    from edge_agent.protocol import Topics, encode
+    from edge_agent.protocol import encode
 
-    settings, _ = load(args.config)
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    mqtt = settings.mqtt.model_copy(update=overrides)
+    _, mqtt, topics = broker_context(args)
     query = {key: value for key, value in (("rule", args.rule), ("camera", args.camera), ("since", args.since),
                                            ("until", args.until), ("limit", args.limit)) if value is not None}
 
     def make_payload(reply_to: str | None) -> bytes:
         return encode({"history": query, **({"reply_to": reply_to} if reply_to else {})})
 
-    return send_and_print("events", mqtt, Topics(mqtt.topic_prefix, settings.device_id).request,
-                          make_payload, args, show=_print_events)
+    return send_and_print("events", mqtt, topics.request, make_payload, args, show=_print_events)
 
 
 def _print_events(answer: dict[str, Any]) -> None:

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.cli.common import (EXIT_ERROR_ANSWER, EXIT_NO_ANSWER, Handler, config_error, load,
+from edge_agent.cli.common import (EXIT_ERROR_ANSWER, EXIT_NO_ANSWER, EXIT_USAGE, Handler, config_error, load,
                                    send_and_print)
 from edge_agent.cli.events import HANDLERS as EVENT_HANDLERS, add_parsers as add_event_commands
 from edge_agent.cli.models import HANDLERS as MODEL_HANDLERS, add_parsers as add_model_commands
 from edge_agent.cli.watch import HANDLERS as WATCH_HANDLERS, add_parsers as add_watch_commands
 from edge_agent.errors import EXIT_CONFIG, ConfigError
 
-EXIT_USAGE = 64  # sysexits EX_USAGE: options that do not go together
 
 
 def _parser() -> argparse.ArgumentParser:

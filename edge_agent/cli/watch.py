@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Any
 
-from edge_agent.cli.common import Handler, load, send_and_print
+from edge_agent.cli.common import Handler, broker_context, send_and_print
 from edge_agent.errors import EXIT_CONFIG
 
 EXIT_OK = 0
@@ -30,20 +30,11 @@ def add_parsers(commands: Any, config_help: str) -> None:
         parser.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _context(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    from edge_agent.protocol import Topics
-
-    settings, _ = load(args.config)
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    mqtt = settings.mqtt.model_copy(update=overrides)
-    return settings, mqtt, Topics(mqtt.topic_prefix, settings.device_id)
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     from edge_agent.errors import BrokerError
     from edge_agent.mqtt import read_retained
 
-    settings, mqtt, topics = _context(args)
+    settings, mqtt, topics = broker_context(args)
     try:
         retained = read_retained(mqtt, [topics.watch("+"), topics.status])
         reachable = True
@@ -81,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.protocol import encode
     from edge_agent.automation.watch import rule_fields
 
-    settings, mqtt, topics = _context(args)
+    settings, mqtt, topics = broker_context(args)
     rule = settings.watch.get(args.name)
     if rule is None:
         print(f"edge-agent watch run: no rule {args.name!r} (configured: "
