@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pytest
 
 from support import REPO, AgentProcess, Broker, Client, ask, collect, file_camera as camera, next_stats
+from test_history_unit import BAD_FILTERS
 from video import make_still_clip
 
 
@@ -103,10 +104,17 @@ def test_events_are_kept_as_rules_publish_and_answered_newest_first_without_imag
     assert history(client, agent, since="2999-01-01")["events"] == []
     assert history(client, agent, until=events[1]["at"])["events"] == events[2:]
 
-    # a bad filter: bad_request naming the field, and the next request is answered
-    bad = ask(client, agent, {"id": "bad-filter", "history": {"rule": "door", "since": "last week"}})
-    assert bad["ok"] is False and bad["error"]["code"] == "bad_request"
-    assert "history.since 'last week' is not an ISO 8601 time" in bad["error"]["message"], bad
+    # each bad filter, and model fields on a query: bad_request naming the field, and the next
+    # request is answered
+    bad_ones = [({"rule": "door", "since": "last week"}, "history.since 'last week' is not an ISO 8601 time"),
+                *BAD_FILTERS]
+    for n, (value, words) in enumerate(bad_ones):
+        bad = ask(client, agent, {"id": f"bad-filter-{n}", "history": value})
+        assert bad["ok"] is False and bad["error"]["code"] == "bad_request", bad
+        assert words in bad["error"]["message"], bad
+        assert history(client, agent, limit=1)["events"] == events[:1]
+    bad = ask(client, agent, {"id": "bad-query", "history": {}, "max_tokens": 5})
+    assert bad["error"]["code"] == "bad_request" and "not 'max_tokens'" in bad["error"]["message"], bad
     assert history(client, agent, limit=1)["events"] == events[:1]
 
     # the CLI: JSON, text, and a snapshot written out
@@ -153,6 +161,19 @@ def test_a_question_over_the_history_gets_the_events_as_context_and_says_how_man
     assert context[0]["chars"] <= 16000
     none = ask(client, agent, {"history": {"rule": "gate"}, "prompt": "Was the gate open?", "max_tokens": 2})
     assert none["ok"] is True and none["history"] == {"events_given": 0, "events_matched": 0}
+
+
+def test_an_agent_without_history_says_so_and_answers_the_next(
+        start: Callable[..., AgentProcess], client: Client) -> None:
+    agent = start(watch=door_rule(), history__enabled=False)
+    client.subscribe(agent.response_topic)
+    for request in ({"history": {"rule": "door"}},
+                    {"history": {}, "prompt": "Was the door open?", "max_tokens": 2}):
+        refused = ask(client, agent, request)
+        assert refused["ok"] is False and refused["error"]["code"] == "unsupported", refused
+        assert "[history] enabled = false" in refused["error"]["message"], refused
+        assert ask(client, agent, {"prompt": "Hello", "max_tokens": 2})["ok"]
+    assert snapshots(agent) == []
 
 
 def test_bounds_by_count_bytes_and_age_hold_across_restarts(
