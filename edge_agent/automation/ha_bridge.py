@@ -85,7 +85,7 @@ class HomeAssistantBridge:
             cameras_with_motion=[name for name, cam in settings.cameras.items() if cam.motion.enabled],
             rules=[rule_entity(name, rule.change_key, rule_response_format(rule, settings), rule.snapshot)
                    for name, rule in settings.watch.items() if rule.enabled],
-            zones=[(name, zone) for name, cam in settings.cameras.items() if cam.motion.enabled for zone in cam.zones],
+            zones=settings.motion_zones,
             previous=self._previous)
         link.publish(topic, encode(payload), retain=True)
         self._announced_topic, self._previous = topic, components(payload)

@@ -300,9 +300,7 @@ class Agent:
 
     def _clear_gone_zones(self, old: Settings, new: Settings) -> None:
         """A zone removed (or its camera's motion off) loses its retained motion state."""
-        def zones(settings: Settings) -> set[tuple[str, str]]:
-            return {(name, zone) for name, cam in settings.cameras.items() if cam.motion.enabled for zone in cam.zones}
-        for camera, zone in sorted(zones(old) - zones(new)):
+        for camera, zone in sorted(set(old.motion_zones) - set(new.motion_zones)):
             self._publish_retained(self.snapshot.topics.zone_motion(camera, zone), b"")
 
     def _on_connected(self) -> None:

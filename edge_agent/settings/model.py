@@ -307,6 +307,11 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def motion_zones(self) -> list[tuple[str, str]]:
+        """(camera, zone) of every zone whose motion is tracked: its camera watches for motion."""
+        return [(name, zone) for name, cam in self.cameras.items() if cam.motion.enabled for zone in cam.zones]
+
+    @property
     def client_id(self) -> str:
         return self.mqtt.client_id or f"edge-agent-{self.device_id}"
 
