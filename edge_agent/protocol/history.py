@@ -11,10 +11,10 @@ from typing import Any
 from edge_agent.errors import BadRequest
 from edge_agent.protocol.payloads import encode
 from edge_agent.protocol.strictjson import json_type
+from edge_agent.protocol.topics import NAME  # rule and camera names
 
 HISTORY_FIELDS = frozenset({"rule", "camera", "since", "until", "limit"})
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # rule and camera names (settings' check_names)
 # Snapshot ids become file names: only what is safe as one (a rule run's id always is).
 SNAPSHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 CONTEXT_HEAD = "Events from the history, newest first ({given} of {matched}; time UTC, rule, camera, text):"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -10,7 +9,7 @@ from typing import Any, Mapping
 from edge_agent.errors import AgentError, BadRequest, Forbidden, TooLarge
 from edge_agent.protocol.history import HistoryQuery, parse_history
 from edge_agent.protocol.prompts import VAR_NAME, PromptTemplate, render_template, template_fields
-from edge_agent.protocol.topics import CONTROL_CHARS, check_topic_name
+from edge_agent.protocol.topics import CONTROL_CHARS, NAME, check_topic_name
 from edge_agent.protocol.strictjson import decode_json_object, json_type
 from edge_agent.protocol.structured import ResponseFormat, parse_response_format
 
@@ -28,7 +27,7 @@ TRUSTED_FIELDS = frozenset({"crop"})
 FREE_TEXT_FIELDS = ("prompt", "messages", "system")  # refused when free prompts are not allowed
 MAX_FRAMES = 8
 MAX_INTERVAL_MS = 10_000
-CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CAMERA_NAME = NAME
 TEMPLATE_NAME = CAMERA_NAME
 MAX_VAR_CHARS = 200
 MAX_TEMPERATURE = 5.0

@@ -11,6 +11,8 @@ from edge_agent.protocol.strictjson import json_type
 
 MAX_TOPIC_CHARS = 512
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A camera's, rule's, zone's or template's name: one topic segment (settings check names by it).
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
