@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from edge_agent.delivery.store import store_errors
 from edge_agent.delivery.writer import Writer
 from edge_agent.errors import StoreError
 from edge_agent.log import get_logger
@@ -130,38 +131,32 @@ class HistoryStore:
                 _unlink(path)
         return len(doomed)
 
+    @store_errors
     def sweep(self) -> int:
         """At start: image files no event holds (a crash between file and row, or a delete)."""
         if not self.images.is_dir():
             return 0
-        try:
-            kept = {row[0] for row in self._db.execute("SELECT id FROM events WHERE snapshot = 1")}
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
+        kept = {row[0] for row in self._db.execute("SELECT id FROM events WHERE snapshot = 1")}
         stray = [p for p in self.images.iterdir()
                  if (p.suffix == ".jpg" and p.stem not in kept) or p.suffix == ".tmp"]
         for path in stray:
             _unlink(path)
         return len(stray)
 
+    @store_errors
     def query(self, query: HistoryQuery) -> tuple[list[HistoryEvent], int]:
         """Matching events, newest first, at most `limit`; and how many match in all."""
         where, args = _where(query)
-        try:
-            matched = int(self._db.execute(f"SELECT COUNT(*) FROM events{where}", args).fetchone()[0])
-            rows = self._db.execute(f"SELECT {COLUMNS} FROM events{where} ORDER BY at DESC, rowid DESC LIMIT ?",
-                                    (*args, query.limit)).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
+        matched = int(self._db.execute(f"SELECT COUNT(*) FROM events{where}", args).fetchone()[0])
+        rows = self._db.execute(f"SELECT {COLUMNS} FROM events{where} ORDER BY at DESC, rowid DESC LIMIT ?",
+                                (*args, query.limit)).fetchall()
         return [HistoryEvent(r[0], r[1], r[2], float(r[3]), r[4], r[5], None if r[6] is None else json.loads(r[6]),
                              r[6] is not None, bool(r[7]), bool(r[8])) for r in rows], matched
 
+    @store_errors
     def totals(self) -> tuple[int, int]:
         """(events, bytes) held."""
-        try:
-            count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM events").fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(str(exc)) from exc
+        count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM events").fetchone()
         return int(count), int(size)
 
 

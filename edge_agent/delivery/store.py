@@ -8,8 +8,9 @@ close run elsewhere). WAL mode with synchronous=NORMAL keeps a committed row acr
 crash; a power cut may lose the last transaction, which costs at most a re-run, never a
 doubled answer.
 
-This is the only module that imports sqlite3: every public method raises `StoreError` for what
-SQLite raises (disk full, a damaged file), opening raises `ConfigError`.
+This module and the event history (`history.py`, a database of its own) are the ones that
+import sqlite3: every public method raises `StoreError` for what SQLite raises (disk full, a
+damaged file), opening raises `ConfigError`.
 """
 
 from __future__ import annotations
